@@ -1,0 +1,86 @@
+"""ACC / ASR and friends, all in percent, from one batched pass per model.
+
+- acc: clean test accuracy.
+- asr: share of non-target test images classified as the target once triggered (headline).
+- asr_eq9: DHBE Eq. 9, the same over non-target images the *reference* (backdoored) model
+  classifies correctly when clean (defaults to the evaluated model itself).
+- ra: robust accuracy, share of triggered non-target images still given their true label.
+- asr_x4 / asr_x9: headline ASR with the patch pasted 4 / 9 times (patch attacks only).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attacks import Attack
+from .data.images import ImageSet, to_float
+from .runtime import autocast, memory_format
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    with autocast(device):
+        return model(x.contiguous(memory_format=memory_format(device))).argmax(1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, test: ImageSet, attack: Attack | None = None, *, batch_size: int = 1024,
+             amplify: tuple[int, ...] = (4, 9), reference_correct: torch.Tensor | None = None) -> dict[str, float]:
+    """Evaluate `model` (in eval mode) on `test` (already on the model's device).
+
+    Clean, triggered and amplified copies of each batch go through the model in one
+    forward pass; counts stay on the device and are read once at the end.
+    `reference_correct` (bool per test image) selects the images for `asr_eq9`.
+    """
+    device = test.device
+    was_training = model.training
+    model.eval()
+    copies = tuple(c for c in amplify if attack is not None and attack.supports_amplified)
+    n_views = 1 + (attack is not None) + len(copies)
+    # counts: correct, non-target, non-target->target, eq9 base, eq9->target, robust, amplified...
+    counts = torch.zeros(6 + len(copies), dtype=torch.long, device=device)
+    for start in range(0, len(test), batch_size):
+        x = to_float(test.x[start : start + batch_size])
+        y = test.y[start : start + batch_size]
+        views = [x]
+        if attack is not None:
+            views.append(attack.apply(x))
+            views += [attack.apply_amplified(x, c) for c in copies]
+        pred = predict(model, torch.cat(views), device).view(n_views, -1)
+        correct = pred[0] == y
+        counts[0] += correct.sum()
+        if attack is None:
+            continue
+        t = attack.target
+        nontarget = y != t
+        ref = correct if reference_correct is None else reference_correct[start : start + batch_size].to(device)
+        eq9 = nontarget & ref
+        counts[1] += nontarget.sum()
+        counts[2] += (nontarget & (pred[1] == t)).sum()
+        counts[3] += eq9.sum()
+        counts[4] += (eq9 & (pred[1] == t)).sum()
+        counts[5] += (nontarget & (pred[1] == y)).sum()
+        for i in range(len(copies)):
+            counts[6 + i] += (nontarget & (pred[2 + i] == t)).sum()
+    model.train(was_training)
+    c = counts.tolist()  # the one host sync
+    pct = lambda num, den: 100.0 * num / den if den else float("nan")  # noqa: E731
+    out = {"acc": pct(c[0], len(test))}
+    if attack is not None:
+        out["asr"] = pct(c[2], c[1])
+        out["asr_eq9"] = pct(c[4], c[3])
+        out["ra"] = pct(c[5], c[1])
+        for i, k in enumerate(copies):
+            out[f"asr_x{k}"] = pct(c[6 + i], c[1])
+    return out
+
+
+@torch.no_grad()
+def correct_mask(model: nn.Module, test: ImageSet, batch_size: int = 1024) -> torch.Tensor:
+    """Bool per test image: does `model` classify the clean image correctly (for Eq. 9)."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([predict(model, to_float(test.x[s : s + batch_size]), test.device) == test.y[s : s + batch_size]
+                     for s in range(0, len(test), batch_size)])
+    model.train(was_training)
+    return out

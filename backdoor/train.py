@@ -1,0 +1,107 @@
+"""A flat, explicit supervised training loop on device-resident data.
+
+Used to train victims (and by defences that fine-tune). Per step: batched on-device
+augmentation, bf16 autocast + channels_last on CUDA, a per-step LR schedule, and no host
+sync: the epoch loss is accumulated on the device and read once per epoch.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Augment, ImageSet, batches
+from .runtime import autocast, device_generator, memory_format
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of `train_classifier`."""
+
+    epochs: int = 30
+    batch_size: int = 128
+    optimizer: str = "adam"  # "adam" | "sgd" (momentum, nesterov)
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"  # "onecycle" (linear warm-up 15% then linear decay) | "cosine" | "constant"
+    label_smoothing: float = 0.0
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs: must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer: must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.schedule not in ("onecycle", "cosine", "constant"):
+            raise ValueError(f"schedule: must be 'onecycle', 'cosine' or 'constant', got {self.schedule!r}")
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.momentum > 0)
+
+
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """Multiplier of the base LR at `step` of `total` steps."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / total))
+    warm = max(1, int(0.15 * total))
+    return (step + 1) / warm if step < warm else max(0.0, (total - step) / (total - warm))
+
+
+def train_classifier(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, augment: Augment | None = None,
+                     seed: int = 0, on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
+    """Train `model` (already on `data`'s device) with cross-entropy; returns per-epoch mean loss.
+
+    `on_epoch(epoch, mean_loss)` is called after every epoch (progress, evaluation).
+    """
+    cfg.validate()
+    device = data.device
+    gen = device_generator(device, seed)
+    opt = make_optimizer(model.parameters(), cfg)
+    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.schedule, s, total))
+    fmt = memory_format(device)
+    history = []
+    model.train()
+    for epoch in range(cfg.epochs):
+        loss_sum = torch.zeros((), device=device)
+        for x, y in batches(data, cfg.batch_size, generator=gen, augment=augment):
+            with autocast(device):
+                loss = F.cross_entropy(model(x.contiguous(memory_format=fmt)), y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach().float()
+        mean_loss = float(loss_sum) / steps_per_epoch  # one host sync per epoch
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"train_classifier: loss became {mean_loss} in epoch {epoch + 1}")
+        history.append(mean_loss)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, mean_loss)
+    model.eval()
+    return history
+
+
+def timed(fn: Callable, *args, **kwargs):
+    """(result, seconds) with CUDA synchronised before reading the clock."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0

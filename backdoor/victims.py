@@ -1,0 +1,270 @@
+"""Backdoored victims: specified by `VictimSpec`, trained once, cached by a hash.
+
+Cache entry (in `cache_dir`): `<victim_id>.safetensors` (weights) and `<victim_id>.json`
+(spec, clean ACC / ASR, weights checksum, library version). Both are written atomically
+(temp file + rename), the JSON last, so a half-written entry is never taken for a whole
+one; an entry that is truncated or does not match its spec is retrained, with a warning.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .attacks import ATTACKS, Attack, build_attack
+from .data import DATASETS, DatasetSplits, default_cache_dir, load_dataset
+from .metrics import evaluate
+from .models import MODELS, build_model
+from .runtime import prepare_model, resolve_device, seed_everything
+from .train import TrainConfig, train_classifier
+
+CACHE_FORMAT = 1
+
+
+@dataclass
+class VictimSpec:
+    """Everything that defines a backdoored victim (its hash is the cache key)."""
+
+    dataset: str = "digits"
+    model: str = "small_cnn"
+    attack: str = "badnets"
+    attack_params: dict = field(default_factory=lambda: {"trigger_size": 3})
+    target: int = 0
+    poison_rate: float = 0.1
+    epochs: int = 30
+    batch_size: int = 128
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    seed: int = 0
+    pool_fraction: float | None = None
+    split_seed: int = 0
+    image_size: int | None = None
+
+    @property
+    def trigger_size(self) -> int | None:
+        return self.attack_params.get("trigger_size")
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer, lr=self.lr,
+                           weight_decay=self.weight_decay, schedule=self.schedule)
+
+    def validate(self) -> None:
+        """Checks that need no data (names, ranges); the attack checks the rest."""
+        for fld, value, known in (("dataset", self.dataset, DATASETS), ("model", self.model, MODELS),
+                                  ("attack", self.attack, ATTACKS)):
+            if value not in known:
+                raise ValueError(f"{fld}: unknown {fld} {value!r}; known: {sorted(known)}")
+        if not 0.0 < self.poison_rate <= 1.0:
+            raise ValueError(f"poison_rate: must be in (0, 1], got {self.poison_rate}")
+        self.train_config().validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VictimSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"victim spec: unknown field(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    def victim_id(self, data_fingerprint: str = "") -> str:
+        """Short hash of the spec and of the exact data it is trained on."""
+        payload = json.dumps({"spec": self.to_dict(), "data": data_fingerprint, "format": CACHE_FORMAT}, sort_keys=True)
+        return f"{self.dataset}-{self.model}-{self.attack}-" + hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+@dataclass
+class Victim:
+    """A trained (or loaded) backdoored model with its data, attack and metrics."""
+
+    spec: VictimSpec
+    victim_id: str
+    model: nn.Module
+    attack: Attack
+    splits: DatasetSplits
+    metrics: dict
+    from_cache: bool
+    train_seconds: float
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read weights from an untrusted file: `.safetensors`, or `.pt` / `.pth` through
+    `torch.load(weights_only=True)` (no pickled code ever runs). Anything else is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"checkpoint: {str(path)!r} is not a valid safetensors file ({err})") from err
+    elif suffix in (".pt", ".pth"):
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # UnpicklingError for code-carrying pickles, RuntimeError for junk
+            raise ValueError(f"checkpoint: {str(path)!r} refused: not a plain tensor state dict loadable with "
+                             f"weights_only=True ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
+        if isinstance(state, dict):
+            for key in ("state_dict", "model", "model_state_dict"):
+                if isinstance(state.get(key), dict):
+                    state = state[key]
+                    break
+    else:
+        raise ValueError(f"checkpoint: {str(path)!r} has suffix {suffix!r}; use .safetensors, .pt or .pth")
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ValueError(f"checkpoint: {str(path)!r} does not hold a state dict (a mapping of names to tensors)")
+    return state
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _try_load(spec: VictimSpec, victim_id: str, cache_dir: Path, model: nn.Module) -> dict | None:
+    """Metadata of a valid cache entry (weights loaded into `model`), or None."""
+    meta_path, weights_path = cache_dir / f"{victim_id}.json", cache_dir / f"{victim_id}.safetensors"
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("victim_id") != victim_id or meta.get("spec") != spec.to_dict():
+            raise ValueError("metadata does not match the spec")
+        if _sha256(weights_path) != meta.get("weights_sha256"):
+            raise ValueError("weights checksum mismatch (truncated or altered file)")
+        model.load_state_dict(load_state_dict(weights_path), strict=True)
+        return meta
+    except Exception as err:
+        warnings.warn(f"victim cache entry {victim_id} in {cache_dir} is unusable ({err}); retraining it")
+        return None
+
+
+def get_or_train(spec: VictimSpec, cache_dir: str | os.PathLike | None = None, *, data: DatasetSplits | None = None,
+                 data_root=None, download: bool = False, device=None, log=print) -> Victim:
+    """Load the victim for `spec` from `cache_dir`, or train, evaluate and cache it.
+
+    `data` reuses already loaded splits (they must be the spec's dataset). The victim's
+    model is returned in eval mode on `device`, and its data splits on the same device.
+    """
+    spec.validate()
+    device = resolve_device(device)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "victims"
+    splits = data if data is not None else load_dataset(spec.dataset, data_root, download=download,
+                                                        pool_fraction=spec.pool_fraction, split_seed=spec.split_seed,
+                                                        image_size=spec.image_size)
+    attack = build_attack(spec.attack, splits.image_shape, splits.num_classes, target=spec.target, **spec.attack_params)
+    victim_id = spec.victim_id(splits.fingerprint)
+    splits = splits.to(device)
+    seed_everything(spec.seed)
+    model = build_model(spec.model, splits.num_classes, splits.image_shape[0], splits.mean, splits.std)
+    meta = _try_load(spec, victim_id, cache_dir, model)
+    if meta is not None:
+        model = prepare_model(model, device).eval()
+        log(f"victim {victim_id}: loaded from cache (ACC {meta['metrics']['acc']:.2f}%, ASR {meta['metrics']['asr']:.2f}%)")
+        return Victim(spec, victim_id, model, attack, splits, meta["metrics"], True, meta.get("train_seconds", 0.0))
+
+    poisoned, _ = attack.poison(splits.train, spec.poison_rate, seed=spec.seed)
+    model = prepare_model(model, device)
+    log(f"victim {victim_id}: training {spec.model} on {len(poisoned)} {spec.dataset} images "
+        f"({spec.attack}, poison rate {spec.poison_rate}) for {spec.epochs} epochs on {device}")
+    t0 = time.perf_counter()
+
+    def progress(epoch: int, loss: float) -> None:
+        if epoch == spec.epochs or epoch % max(1, spec.epochs // 5) == 0:
+            log(f"  epoch {epoch}/{spec.epochs} loss {loss:.4f} ({time.perf_counter() - t0:.1f} s)")
+
+    train_classifier(model, poisoned, spec.train_config(), augment=splits.augment, seed=spec.seed, on_epoch=progress)
+    metrics = evaluate(model, splits.test, attack)
+    seconds = time.perf_counter() - t0
+    log(f"victim {victim_id}: ACC {metrics['acc']:.2f}%  ASR {metrics['asr']:.2f}%  ({seconds:.1f} s)")
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    weights_path = cache_dir / f"{victim_id}.safetensors"
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic_write(weights_path, lambda p: save_file(state, str(p)))
+    meta = {"victim_id": victim_id, "spec": spec.to_dict(), "metrics": metrics, "train_seconds": seconds,
+            "weights_sha256": _sha256(weights_path), "data_fingerprint": splits.fingerprint,
+            "attack_params": attack.params(), "library_version": __version__, "torch_version": torch.__version__,
+            "device": str(device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _atomic_write(cache_dir / f"{victim_id}.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+    return Victim(spec, victim_id, model.eval(), attack, splits, metrics, False, seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: train (or load) one victim and print its metrics as JSON."""
+    d = VictimSpec()
+    p = argparse.ArgumentParser(prog="python -m backdoor.victims", description=main.__doc__)
+    p.add_argument("--dataset", default=d.dataset, help=f"one of {sorted(DATASETS)}")
+    p.add_argument("--data-root", default=None, help="dataset directory (image folder root for 'imagefolder')")
+    p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    p.add_argument("--model", default=d.model, help=f"one of {sorted(MODELS)}")
+    p.add_argument("--attack", default=d.attack, help=f"one of {sorted(ATTACKS)}")
+    p.add_argument("--attack-params", default=json.dumps(d.attack_params), help="JSON, e.g. '{\"trigger_size\": 3}'")
+    p.add_argument("--target", type=int, default=d.target)
+    p.add_argument("--poison-rate", type=float, default=d.poison_rate)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--optimizer", default=d.optimizer, choices=["adam", "sgd"])
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--schedule", default=d.schedule, choices=["onecycle", "cosine", "constant"])
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--pool-fraction", type=float, default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--cache-dir", default=None, help="victim cache (default: $BACKDOOR_CACHE/victims)")
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    try:
+        spec = VictimSpec(dataset=a.dataset, model=a.model, attack=a.attack, attack_params=json.loads(a.attack_params),
+                          target=a.target, poison_rate=a.poison_rate, epochs=a.epochs, batch_size=a.batch_size,
+                          optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay, schedule=a.schedule,
+                          seed=a.seed, pool_fraction=a.pool_fraction, image_size=a.image_size)
+        t0 = time.perf_counter()
+        victim = get_or_train(spec, a.cache_dir, data_root=a.data_root, download=a.download, device=a.device,
+                              log=lambda m: print(m, file=sys.stderr, flush=True))
+        wall = time.perf_counter() - t0
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"victim_id": victim.victim_id, "from_cache": victim.from_cache, "metrics": victim.metrics,
+                      "train_seconds": round(victim.train_seconds, 2), "wall_seconds": round(wall, 2)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
