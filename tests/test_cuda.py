@@ -1,0 +1,28 @@
+"""GPU paths (bf16 autocast, channels_last, device generators); skipped without CUDA."""
+import pytest
+import torch
+
+from backdoor.attacks import BadNets
+from backdoor.data import Augment, ImageSet
+from backdoor.metrics import evaluate
+from backdoor.models import build_model
+from backdoor.runtime import prepare_model
+from backdoor.train import TrainConfig, train_classifier
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_training_and_evaluation_on_cuda_match_cpu_evaluation():
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, generator=g),
+                    torch.randint(0, 10, (512,), generator=g))
+    model = prepare_model(build_model("resnet18", 10, 3, [0.5] * 3, [0.25] * 3), dev)
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    losses = train_classifier(model, data.to(dev), TrainConfig(epochs=2, batch_size=128, optimizer="sgd", lr=0.05),
+                              augment=Augment(4, True))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    attack = BadNets((3, 32, 32), 10, trigger_size=3)
+    on_gpu = evaluate(model, data.to(dev), attack)
+    on_cpu = evaluate(model.float().cpu().to(memory_format=torch.contiguous_format), data, attack)
+    assert abs(on_gpu["acc"] - on_cpu["acc"]) <= 3.0  # bf16 vs fp32 rounding flips a few argmaxes at most

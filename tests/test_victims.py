@@ -1,0 +1,137 @@
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import backdoor.victims as victims
+from backdoor.victims import VictimSpec, get_or_train, load_state_dict
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, digits):
+    cache = tmp_path_factory.mktemp("victims")
+    return cache, get_or_train(VictimSpec(), cache, data=digits, device="cpu", log=lambda m: None)
+
+
+def test_default_digits_badnets_victim_is_backdoored(trained):
+    _, v = trained
+    assert not v.from_cache
+    assert v.metrics["acc"] >= 90.0 and v.metrics["asr"] >= 95.0
+    assert v.metrics["asr_x9"] >= 90.0
+
+
+def test_same_spec_loads_from_cache_without_training(trained, digits, monkeypatch):
+    cache, v = trained
+    monkeypatch.setattr(victims, "train_classifier", lambda *a, **k: pytest.fail("retrained a cached victim"))
+    again = get_or_train(VictimSpec(), cache, data=digits, device="cpu", log=lambda m: None)
+    assert again.from_cache and again.victim_id == v.victim_id and again.metrics == v.metrics
+    for (k, a), (_, b) in zip(v.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    meta = json.loads((cache / f"{v.victim_id}.json").read_text())
+    assert meta["spec"] == VictimSpec().to_dict() and "library_version" in meta
+
+
+def test_victim_id_changes_with_spec_and_data():
+    s = VictimSpec()
+    assert s.victim_id("a") == VictimSpec().victim_id("a")
+    assert s.victim_id("a") != VictimSpec(poison_rate=0.05).victim_id("a")
+    assert s.victim_id("a") != s.victim_id("b")
+
+
+def _spec_fast():
+    return VictimSpec(epochs=1)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "spec"])
+def test_damaged_cache_entry_is_retrained_with_warning(tmp_path, digits, damage):
+    spec = _spec_fast()
+    v = get_or_train(spec, tmp_path, data=digits, device="cpu", log=lambda m: None)
+    weights, meta = tmp_path / f"{v.victim_id}.safetensors", tmp_path / f"{v.victim_id}.json"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        d = json.loads(meta.read_text())
+        d["spec"]["epochs"] = 99
+        meta.write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match="unusable.*retraining"):
+        again = get_or_train(spec, tmp_path, data=digits, device="cpu", log=lambda m: None)
+    assert not again.from_cache
+    assert get_or_train(spec, tmp_path, data=digits, device="cpu", log=lambda m: None).from_cache
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"dataset": "mnist"}, "dataset"), ({"model": "vgg"}, "model"), ({"attack": "wanet"}, "attack"),
+    ({"poison_rate": 0.0}, "poison_rate"), ({"poison_rate": 1.2}, "poison_rate"), ({"lr": 0.0}, "lr"),
+    ({"target": 10}, "target"), ({"attack_params": {"trigger_size": 17}}, "trigger_size"),
+])
+def test_bad_victim_spec_names_field(tmp_path, digits, change, field):
+    with pytest.raises(ValueError, match=field):
+        get_or_train(VictimSpec(**change), tmp_path, data=digits, device="cpu", log=lambda m: None)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_from_dict_refuses_unknown_field():
+    with pytest.raises(ValueError, match="unknown field.*colour"):
+        VictimSpec.from_dict({"colour": "red"})
+
+
+# --- untrusted checkpoints -------------------------------------------------------------
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_load_state_dict_reads_safetensors_and_plain_pt(tmp_path):
+    state = {"w": torch.arange(6.0).view(2, 3), "b": torch.zeros(2)}
+    save_file(state, str(tmp_path / "m.safetensors"))
+    torch.save(state, tmp_path / "m.pt")
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "nested.pth")
+    for name in ("m.safetensors", "m.pt", "nested.pth"):
+        got = load_state_dict(tmp_path / name)
+        assert torch.equal(got["w"], state["w"]) and set(got) == {"w", "b"}
+
+
+def test_code_carrying_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"w": _Evil(str(marker))}, f)
+    with pytest.raises(ValueError, match="refused"):
+        load_state_dict(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("junk.safetensors", b"not a safetensors file", "not a valid safetensors"),
+    ("junk.pt", b"\x00\x01garbage", "refused"),
+    ("weights.bin", b"", "suffix"),
+])
+def test_invalid_checkpoints_are_clear_errors(tmp_path, name, content, match):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        load_state_dict(tmp_path / name)
+
+
+def test_pt_that_is_not_a_state_dict(tmp_path):
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="does not hold a state dict"):
+        load_state_dict(tmp_path / "list.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_state_dict(tmp_path / "missing.pt")
+
+
+def test_cli_trains_then_loads(tmp_path, capsys):
+    args = ["--epochs", "1", "--cache-dir", str(tmp_path), "--device", "cpu"]
+    assert victims.main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert victims.main(args) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert not first["from_cache"] and second["from_cache"] and first["metrics"] == second["metrics"]
+    assert victims.main(["--model", "vgg", "--cache-dir", str(tmp_path)]) == 2
+    assert "model: unknown model" in capsys.readouterr().err
