@@ -48,6 +48,7 @@ class VictimSpec:
     lr: float = 1e-3
     weight_decay: float = 5e-4
     schedule: str = "onecycle"
+    label_smoothing: float = 0.0
     seed: int = 0
     pool_fraction: float | None = None
     split_seed: int = 0
@@ -59,7 +60,8 @@ class VictimSpec:
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer, lr=self.lr,
-                           weight_decay=self.weight_decay, schedule=self.schedule)
+                           weight_decay=self.weight_decay, schedule=self.schedule,
+                           label_smoothing=self.label_smoothing)
 
     def validate(self) -> None:
         """Checks that need no data (names, ranges); the attack checks the rest."""
@@ -243,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--schedule", default=d.schedule, choices=["onecycle", "cosine", "constant"])
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--pool-fraction", type=float, default=None)
     p.add_argument("--image-size", type=int, default=None)
@@ -253,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = VictimSpec(dataset=a.dataset, model=a.model, attack=a.attack, attack_params=json.loads(a.attack_params),
                           target=a.target, poison_rate=a.poison_rate, epochs=a.epochs, batch_size=a.batch_size,
                           optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay, schedule=a.schedule,
-                          seed=a.seed, pool_fraction=a.pool_fraction, image_size=a.image_size)
+                          label_smoothing=a.label_smoothing, seed=a.seed, pool_fraction=a.pool_fraction, image_size=a.image_size)
         t0 = time.perf_counter()
         victim = get_or_train(spec, a.cache_dir, data_root=a.data_root, download=a.download, device=a.device,
                               log=lambda m: print(m, file=sys.stderr, flush=True))

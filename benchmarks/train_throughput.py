@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 100 on CUDA, 5 on CPU)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast (CUDA)")
+    p.add_argument("--static", action="store_true", help="reuse one prepared batch: model step alone, no data pipeline")
     p.add_argument("--device", default="auto")
     a = p.parse_args()
     device = resolve_device(a.device)
@@ -54,6 +55,10 @@ def main() -> None:
     amp = (lambda: contextlib.nullcontext()) if a.fp32 else (lambda: autocast(device))
 
     def stream():
+        if a.static:
+            x, y = next(batches(data, bs, generator=gen, augment=aug, drop_last=True))
+            while True:
+                yield x, y
         while True:
             yield from batches(data, bs, generator=gen, augment=aug, drop_last=True)
 
@@ -87,6 +92,7 @@ def main() -> None:
     infer_ips = reps * ebs / (time.perf_counter() - t0)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     mode = "fp32" if (a.fp32 or not cuda) else "bf16 autocast + channels_last"
+    mode += "; one static batch (no data pipeline)" if a.static else "; on-device batching + crop/flip"
     print(f"device: {name}; torch {torch.__version__}; {a.model} {a.channels}x{a.image_size}x{a.image_size}; {mode}")
     print(f"training:  {train_ips:,.0f} images/s (batch {bs}, {steps} timed steps after {warmup} warm-up)")
     print(f"inference: {infer_ips:,.0f} images/s (batch {ebs})")
