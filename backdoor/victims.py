@@ -175,10 +175,12 @@ def _try_load(spec: VictimSpec, victim_id: str, cache_dir: Path, model: nn.Modul
 
 
 def get_or_train(spec: VictimSpec, cache_dir: str | os.PathLike | None = None, *, data: DatasetSplits | None = None,
-                 data_root=None, download: bool = False, device=None, log=print) -> Victim:
+                 data_root=None, download: bool = False, device=None, compile: str | None = None,
+                 log=print) -> Victim:
     """Load the victim for `spec` from `cache_dir`, or train, evaluate and cache it.
 
-    `data` reuses already loaded splits (they must be the spec's dataset). The victim's
+    `data` reuses already loaded splits (they must be the spec's dataset). `compile` is a
+    torch.compile mode for training on CUDA (a speed knob, not part of the spec). The victim's
     model is returned in eval mode on `device`, and its data splits on the same device.
     """
     spec.validate()
@@ -208,7 +210,8 @@ def get_or_train(spec: VictimSpec, cache_dir: str | os.PathLike | None = None, *
         if epoch == spec.epochs or epoch % max(1, spec.epochs // 5) == 0:
             log(f"  epoch {epoch}/{spec.epochs} loss {loss:.4f} ({time.perf_counter() - t0:.1f} s)")
 
-    train_classifier(model, poisoned, spec.train_config(), augment=splits.augment, seed=spec.seed, on_epoch=progress)
+    cfg = dataclasses.replace(spec.train_config(), compile=compile)
+    train_classifier(model, poisoned, cfg, augment=splits.augment, seed=spec.seed, on_epoch=progress)
     metrics = evaluate(model, splits.test, attack)
     seconds = time.perf_counter() - t0
     log(f"victim {victim_id}: ACC {metrics['acc']:.2f}%  ASR {metrics['asr']:.2f}%  ({seconds:.1f} s)")
@@ -251,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--cache-dir", default=None, help="victim cache (default: $BACKDOOR_CACHE/victims)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile the training forward (CUDA only)")
     a = p.parse_args(argv)
     try:
         spec = VictimSpec(dataset=a.dataset, model=a.model, attack=a.attack, attack_params=json.loads(a.attack_params),
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                           label_smoothing=a.label_smoothing, seed=a.seed, pool_fraction=a.pool_fraction, image_size=a.image_size)
         t0 = time.perf_counter()
         victim = get_or_train(spec, a.cache_dir, data_root=a.data_root, download=a.download, device=a.device,
-                              log=lambda m: print(m, file=sys.stderr, flush=True))
+                              compile=a.compile, log=lambda m: print(m, file=sys.stderr, flush=True))
         wall = time.perf_counter() - t0
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

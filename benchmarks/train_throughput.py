@@ -36,13 +36,14 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast (CUDA)")
     p.add_argument("--static", action="store_true", help="reuse one prepared batch: model step alone, no data pipeline")
+    p.add_argument("--compile", default=None, help="torch.compile mode for the training forward")
     p.add_argument("--device", default="auto")
     a = p.parse_args()
     device = resolve_device(a.device)
     cuda = device.type == "cuda"
     bs = a.batch_size or (512 if cuda else 128)
     steps = a.steps or (100 if cuda else 5)
-    warmup = a.warmup if a.warmup is not None else (15 if cuda else 1)
+    warmup = a.warmup if a.warmup is not None else ((15 if not a.compile else 30) if cuda else 1)
     if cuda:
         torch.backends.cudnn.benchmark = True
     n = bs * (steps + warmup)
@@ -50,6 +51,7 @@ def main() -> None:
     data = ImageSet(torch.randint(0, 256, (min(n, 50_000), a.channels, a.image_size, a.image_size), dtype=torch.uint8,
                                   generator=g), torch.randint(0, 10, (min(n, 50_000),), generator=g)).to(device)
     model = prepare_model(build_model(a.model, 10, a.channels, [0.5] * a.channels, [0.25] * a.channels), device)
+    net = torch.compile(model, mode=a.compile) if a.compile else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     aug, gen, fmt = Augment(4, True), device_generator(device, 0), memory_format(device)
     amp = (lambda: contextlib.nullcontext()) if a.fp32 else (lambda: autocast(device))
@@ -70,7 +72,7 @@ def main() -> None:
             t0 = time.perf_counter()
         x, y = next(it)
         with amp():
-            loss = F.cross_entropy(model(x.contiguous(memory_format=fmt)), y)
+            loss = F.cross_entropy(net(x.contiguous(memory_format=fmt)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -92,6 +94,7 @@ def main() -> None:
     infer_ips = reps * ebs / (time.perf_counter() - t0)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     mode = "fp32" if (a.fp32 or not cuda) else "bf16 autocast + channels_last"
+    mode += f"; torch.compile({a.compile})" if a.compile else ""
     mode += "; one static batch (no data pipeline)" if a.static else "; on-device batching + crop/flip"
     print(f"device: {name}; torch {torch.__version__}; {a.model} {a.channels}x{a.image_size}x{a.image_size}; {mode}")
     print(f"training:  {train_ips:,.0f} images/s (batch {bs}, {steps} timed steps after {warmup} warm-up)")
