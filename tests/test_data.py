@@ -64,9 +64,10 @@ def test_unknown_dataset_and_bad_pool_fraction():
         load_dataset("digits", pool_fraction=1.0)
 
 
-def test_missing_torchvision_dataset_names_path_and_download_flag(tmp_path):
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "gtsrb"])
+def test_missing_torchvision_dataset_names_path_and_download_flag(tmp_path, name):
     with pytest.raises(FileNotFoundError) as err:
-        load_dataset("cifar10", tmp_path / "nowhere")
+        load_dataset(name, tmp_path / "nowhere")
     assert "nowhere" in str(err.value) and "download" in str(err.value)
 
 
