@@ -7,7 +7,6 @@ sync: the epoch loss is accumulated on the device and read once per epoch.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,7 +72,8 @@ def train_classifier(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, augm
     device = data.device
     gen = device_generator(device, seed)
     opt = make_optimizer(model.parameters(), cfg)
-    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    drop_last = len(data) % cfg.batch_size == 1  # a 1-image batch breaks BatchNorm in train mode
+    steps_per_epoch = len(data) // cfg.batch_size if drop_last else math.ceil(len(data) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.schedule, s, total))
     fmt = memory_format(device)
@@ -83,7 +83,7 @@ def train_classifier(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, augm
     model.train()
     for epoch in range(cfg.epochs):
         loss_sum = torch.zeros((), device=device)
-        for x, y in batches(data, cfg.batch_size, generator=gen, augment=augment):
+        for x, y in batches(data, cfg.batch_size, generator=gen, augment=augment, drop_last=drop_last):
             with autocast(device):
                 loss = F.cross_entropy(net(x.contiguous(memory_format=fmt)), y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
@@ -99,12 +99,3 @@ def train_classifier(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, augm
             on_epoch(epoch + 1, mean_loss)
     model.eval()
     return history
-
-
-def timed(fn: Callable, *args, **kwargs):
-    """(result, seconds) with CUDA synchronised before reading the clock."""
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0

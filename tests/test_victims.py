@@ -135,3 +135,14 @@ def test_cli_trains_then_loads(tmp_path, capsys):
     assert not first["from_cache"] and second["from_cache"] and first["metrics"] == second["metrics"]
     assert victims.main(["--model", "vgg", "--cache-dir", str(tmp_path)]) == 2
     assert "model: unknown model" in capsys.readouterr().err
+
+
+def test_training_survives_a_one_image_remainder_batch():
+    from backdoor.data import ImageSet
+    from backdoor.models import build_model
+    from backdoor.train import TrainConfig, train_classifier
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 256, (9, 1, 16, 16), dtype=torch.uint8, generator=g), torch.arange(9) % 3)
+    losses = train_classifier(build_model("small_cnn", 3, 1, [0.5], [0.25]), data, TrainConfig(epochs=2, batch_size=4))
+    assert len(losses) == 2 and all(l == l for l in losses)
