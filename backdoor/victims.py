@@ -69,6 +69,8 @@ class VictimSpec:
                                   ("attack", self.attack, ATTACKS)):
             if value not in known:
                 raise ValueError(f"{fld}: unknown {fld} {value!r}; known: {sorted(known)}")
+        if not isinstance(self.attack_params, dict):
+            raise ValueError(f"attack_params: must be a mapping of parameter names to values, got {self.attack_params!r}")
         if not 0.0 < self.poison_rate <= 1.0:
             raise ValueError(f"poison_rate: must be in (0, 1], got {self.poison_rate}")
         self.train_config().validate()
@@ -184,6 +186,8 @@ def get_or_train(spec: VictimSpec, cache_dir: str | os.PathLike | None = None, *
     model is returned in eval mode on `device`, and its data splits on the same device.
     """
     spec.validate()
+    if data is not None and data.name != spec.dataset:
+        raise ValueError(f"dataset: the spec names {spec.dataset!r} but the splits passed as data are {data.name!r}")
     device = resolve_device(device)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "victims"
     splits = data if data is not None else load_dataset(spec.dataset, data_root, download=download,
@@ -258,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch.compile the training forward (CUDA only)")
     a = p.parse_args(argv)
     try:
-        spec = VictimSpec(dataset=a.dataset, model=a.model, attack=a.attack, attack_params=json.loads(a.attack_params),
+        try:
+            attack_params = json.loads(a.attack_params)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--attack-params: not valid JSON ({err})") from err
+        spec = VictimSpec(dataset=a.dataset, model=a.model, attack=a.attack, attack_params=attack_params,
                           target=a.target, poison_rate=a.poison_rate, epochs=a.epochs, batch_size=a.batch_size,
                           optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay, schedule=a.schedule,
                           label_smoothing=a.label_smoothing, seed=a.seed, pool_fraction=a.pool_fraction, image_size=a.image_size)

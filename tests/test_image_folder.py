@@ -56,3 +56,9 @@ def test_image_folder_missing_split_or_root(tmp_path):
         load_image_folder(tmp_path / "nothere")
     with pytest.raises(ValueError, match="data_root"):
         load_image_folder(None)
+
+
+def test_pool_that_cannot_be_class_balanced_names_pool_fraction(tmp_path):
+    root = _make_folder(tmp_path / "imgs", per_class=(1, 1))
+    with pytest.raises(ValueError, match="pool_fraction"):
+        load_dataset("imagefolder", root, pool_fraction=0.5)

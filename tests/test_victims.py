@@ -146,3 +146,13 @@ def test_training_survives_a_one_image_remainder_batch():
     data = ImageSet(torch.randint(0, 256, (9, 1, 16, 16), dtype=torch.uint8, generator=g), torch.arange(9) % 3)
     losses = train_classifier(build_model("small_cnn", 3, 1, [0.5], [0.25]), data, TrainConfig(epochs=2, batch_size=4))
     assert len(losses) == 2 and all(l == l for l in losses)
+
+
+def test_spec_and_cli_refuse_malformed_attack_params_and_mismatched_data(tmp_path, digits, capsys):
+    with pytest.raises(ValueError, match="attack_params"):
+        get_or_train(VictimSpec(attack_params=[3]), tmp_path, data=digits, device="cpu", log=lambda m: None)
+    with pytest.raises(ValueError, match="dataset: the spec names 'cifar10'"):
+        get_or_train(VictimSpec(dataset="cifar10", model="resnet18"), tmp_path, data=digits, device="cpu",
+                     log=lambda m: None)
+    assert victims.main(["--attack-params", "{trigger_size: 3", "--cache-dir", str(tmp_path)]) == 2
+    assert "--attack-params: not valid JSON" in capsys.readouterr().err
