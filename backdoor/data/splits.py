@@ -67,6 +67,20 @@ def _fingerprint(*sets: ImageSet) -> str:
     return h.hexdigest()[:16]
 
 
+def _channel_stats(images: ImageSet, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel pixel mean and std in [0, 1], in chunks (no float copy of the whole set)."""
+    total = torch.zeros(images.x.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for start in range(0, len(images), chunk):
+        px = images.x[start : start + chunk].double().div_(255.0)
+        total += px.sum(dim=(0, 2, 3))
+        squares += px.square().sum(dim=(0, 2, 3))
+    n = len(images) * images.x.shape[2] * images.x.shape[3]
+    mean = total / n
+    std = (squares / n - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
 def load_dataset(name: str, data_root=None, *, download: bool = False, pool_fraction: float | None = None,
                  split_seed: int = 0, image_size: int | None = None) -> DatasetSplits:
     """Load `name` (see `DATASETS`) and hold a class-balanced defender pool out of its
@@ -82,12 +96,15 @@ def load_dataset(name: str, data_root=None, *, download: bool = False, pool_frac
 
     n_pool = max(len(classes), int(round(fraction * len(train_all))))
     idx = np.arange(len(train_all))
-    train_idx, pool_idx = train_test_split(idx, test_size=n_pool, stratify=train_all.y.numpy(), random_state=split_seed)
+    try:
+        train_idx, pool_idx = train_test_split(idx, test_size=n_pool, stratify=train_all.y.numpy(),
+                                               random_state=split_seed)
+    except ValueError as err:  # e.g. a class with a single training image cannot be split
+        raise ValueError(f"pool_fraction: cannot hold a class-balanced pool of {n_pool} images out of "
+                         f"{len(train_all)} training images of {name!r} ({err})") from err
     train = train_all.subset(torch.from_numpy(np.sort(train_idx)))
     pool = train_all.subset(torch.from_numpy(np.sort(pool_idx)))
-    pixels = train.x.float().div(255.0)
-    mean = tuple(pixels.mean(dim=(0, 2, 3)).tolist())
-    std = tuple(pixels.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    mean, std = _channel_stats(train)
     return DatasetSplits(name, train, pool, test, classes, mean, std, augment,
                          fingerprint=_fingerprint(train, pool, test),
                          meta={"pool_fraction": fraction, "split_seed": split_seed, "data_root": str(data_root)})
