@@ -1,0 +1,201 @@
+"""DHBE: data-free holistic backdoor erasing (Yan et al., AsiaCCS 2023), as in `specs/dhbe.md`.
+
+No data at all. The student S (a copy of the backdoored teacher T) is distilled from T on
+samples of a generator G that seeks T/S disagreement, while a trigger generator Gp seeks
+small k x k patches that move S's output and S is penalised for reacting to them
+(adversarial backdoor regularisation). All losses are L1 on logits. One iteration:
+
+    n_s times: x = G(z), d = pad(Gp(z'));  L_S = L1(S(x), T(x)) + lam * L1(S(x+d), S(x))
+    G:  -L1(S(x), T(x)) [+ w_tv * TV(x)]
+    Gp: -L1(S(x + d), S(x))  (x detached)
+
+S stays in train mode throughout; the teacher is frozen in eval mode. Patches are pasted
+in pixel space at one random position per call, shared by the batch.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import Augment, ImageSet
+from ..models import Normalize
+from ..runtime import autocast, device_generator, memory_format, prepare_model
+from .base import Defense, DefenseResult, EpochCallback, LossTracker, check, check_finite_positive, report_epoch
+from .generators import SampleGenerator, TriggerGenerator, paste_patch
+
+PAPER_EPOCHS, PAPER_ITERS_PER_EPOCH = 300, 50
+REFERENCE_STUDENT_LR = 0.1  # the generators' lrs scale with lr / this when `scale_generator_lr`
+
+
+@dataclass
+class DHBEConfig:
+    """DHBE hyperparameters; defaults are the paper's protocol (spec dhbe.md)."""
+
+    lam: float = 0.1                # weight of the adversarial backdoor regulariser
+    lr: float = 0.1                 # student SGD lr (the swept knob)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    generator_lr: float = 1e-3      # Adam, sample generator G (at lr = 0.1)
+    trigger_lr: float = 1e-3        # Adam, trigger generator Gp (at lr = 0.1)
+    scale_generator_lr: bool = True  # generators' lrs move with the student lr ("synchronously adjusted")
+    epochs: int = PAPER_EPOCHS
+    iters_per_epoch: int = PAPER_ITERS_PER_EPOCH
+    lr_milestones: tuple[float, ...] = (0.6, 0.8)  # fractions of the epochs where all lrs are multiplied by lr_decay
+    lr_decay: float = 0.1
+    batch_size: int = 128           # paper 128; reference code 256
+    student_steps: int = 3          # n_s: paper 3; reference code 5
+    generator_size: int = 5         # k: the trigger generator's patch is k x k (3..9 in the paper)
+    patch_scale: float = 1.0        # c: patches lie in (-c, c) pixel units
+    noise_dim: int = 256
+    ngf: int = 64
+    tv_weight: float = 0.0          # total-variation prior on G's samples; reference code: 1e-4
+
+    def validate(self) -> None:
+        check_finite_positive(self, "lr", "generator_lr", "trigger_lr", "lr_decay", "patch_scale")
+        check(isinstance(self.lam, (int, float)) and self.lam >= 0, "lam", f"must be >= 0, got {self.lam!r}")
+        for name in ("epochs", "iters_per_epoch", "batch_size", "student_steps", "generator_size", "noise_dim", "ngf"):
+            v = getattr(self, name)
+            check(isinstance(v, int) and v >= 1, name, f"must be a positive integer, got {v!r}")
+        check(self.batch_size >= 2, "batch_size", f"the generators' BatchNorm needs >= 2, got {self.batch_size}")
+        check(0.0 <= self.momentum < 1.0, "momentum", f"must be in [0, 1), got {self.momentum}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(self.tv_weight >= 0, "tv_weight", f"must be >= 0, got {self.tv_weight}")
+        check(all(0 < f <= 1 for f in self.lr_milestones), "lr_milestones",
+              f"must be fractions of training in (0, 1], got {self.lr_milestones}")
+
+    @property
+    def iterations(self) -> int:
+        return self.epochs * self.iters_per_epoch
+
+    def lr_factor(self, epoch: int) -> float:
+        """Multiplier of every lr in `epoch` (0-based): lr_decay per milestone passed."""
+        passed = sum(epoch >= round(f * self.epochs) for f in self.lr_milestones)
+        return self.lr_decay**passed
+
+    def generator_lrs(self) -> tuple[float, float]:
+        scale = self.lr / REFERENCE_STUDENT_LR if self.scale_generator_lr else 1.0
+        return self.generator_lr * scale, self.trigger_lr * scale
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Sum of the L2 norms of horizontal, vertical and both diagonal neighbour differences."""
+    return (torch.linalg.vector_norm(x[..., :, :-1] - x[..., :, 1:])
+            + torch.linalg.vector_norm(x[..., :-1, :] - x[..., 1:, :])
+            + torch.linalg.vector_norm(x[..., 1:, :-1] - x[..., :-1, 1:])
+            + torch.linalg.vector_norm(x[..., :-1, :-1] - x[..., 1:, 1:]))
+
+
+def pixel_statistics(model: nn.Module, channels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's input normalisation (mean, std), to turn G's normalised samples into pixels.
+    Models without a `Normalize` layer are taken to consume G's output as it is."""
+    norm = next((m for m in model.modules() if isinstance(m, Normalize)), None)
+    if norm is None:
+        return torch.zeros(1, channels, 1, 1, device=device), torch.ones(1, channels, 1, 1, device=device)
+    return norm.mean.detach().clone(), norm.std.detach().clone()
+
+
+class DHBE(Defense):
+    name = "dhbe"
+    Config = DHBEConfig
+    needs_clean_data = False
+
+    def _purify(self, model: nn.Module, clean_subset: ImageSet | None, *, device: torch.device,
+                image_shape, augment: Augment | None, on_epoch: EpochCallback | None, seed: int) -> DefenseResult:
+        cfg: DHBEConfig = self.config
+        assert clean_subset is None  # guaranteed by Defense.purify: DHBE is given no data
+        c, h, w = image_shape
+        k = cfg.generator_size
+        check(k <= min(h, w), "generator_size", f"a {k}x{k} patch does not fit a {h}x{w} image")
+        torch.manual_seed(seed)  # generator initialisation
+        fmt = memory_format(device)
+        student = model
+        teacher = prepare_model(_frozen_copy(model), device).eval()
+        gen_x = SampleGenerator((c, h, w), cfg.noise_dim, cfg.ngf).to(device).train()
+        gen_p = TriggerGenerator(c, k, cfg.noise_dim, scale=cfg.patch_scale).to(device).train()
+        mean, std = pixel_statistics(student, c, device)
+        g_lr, p_lr = cfg.generator_lrs()
+        opt_s = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt_g = torch.optim.Adam(gen_x.parameters(), lr=g_lr)
+        opt_p = torch.optim.Adam(gen_p.parameters(), lr=p_lr)
+        base_lrs = [(opt_s, cfg.lr), (opt_g, g_lr), (opt_p, p_lr)]
+        noise = device_generator(device, seed)
+        positions = random.Random(seed)  # patch positions: host-side draws, no device sync
+        z = lambda: torch.randn(cfg.batch_size, cfg.noise_dim, device=device, generator=noise)  # noqa: E731
+        sample = lambda: (gen_x(z()) * std + mean).contiguous(memory_format=fmt)  # noqa: E731  G's output in pixels
+        where = lambda: (positions.randint(0, h - k), positions.randint(0, w - k))  # noqa: E731
+        student_params = list(student.parameters())
+
+        tracker = LossTracker(self.name, ("student", "kd", "abr", "generator", "trigger"), device)
+        history: list[dict] = []
+        step = 0
+        student.train()
+        for epoch in range(cfg.epochs):
+            factor = cfg.lr_factor(epoch)
+            for opt, base in base_lrs:
+                for group in opt.param_groups:
+                    group["lr"] = base * factor
+            for _ in range(cfg.iters_per_epoch):
+                kd_sum = abr_sum = s_sum = 0.0
+                for _ in range(cfg.student_steps):
+                    with torch.no_grad(), autocast(device):
+                        x = sample()
+                        x_trig = paste_patch(x, gen_p(z()), *where())
+                        t_out = teacher(x)
+                    with autocast(device):
+                        s_out = student(x)
+                        loss_kd = F.l1_loss(s_out.float(), t_out.float())
+                        loss_abr = F.l1_loss(student(x_trig).float(), s_out.detach().float())
+                        loss_s = loss_kd + cfg.lam * loss_abr
+                    opt_s.zero_grad(set_to_none=True)
+                    loss_s.backward()
+                    opt_s.step()
+                    kd_sum, abr_sum, s_sum = kd_sum + loss_kd.detach(), abr_sum + loss_abr.detach(), s_sum + loss_s.detach()
+
+                for p in student_params:  # generator steps need input gradients only
+                    p.requires_grad_(False)
+                with autocast(device):
+                    x_norm = gen_x(z())
+                    x = (x_norm * std + mean).contiguous(memory_format=fmt)
+                    loss_g = -F.l1_loss(student(x).float(), teacher(x).float())
+                    if cfg.tv_weight:
+                        loss_g = loss_g + cfg.tv_weight * total_variation(x_norm.float())
+                opt_g.zero_grad(set_to_none=True)
+                loss_g.backward()
+                opt_g.step()
+
+                with torch.no_grad(), autocast(device):
+                    x = sample()
+                    s_clean = student(x)
+                with autocast(device):
+                    loss_p = -F.l1_loss(student(paste_patch(x, gen_p(z()), *where())).float(), s_clean.float())
+                opt_p.zero_grad(set_to_none=True)
+                loss_p.backward()
+                opt_p.step()
+                for p in student_params:
+                    p.requires_grad_(True)
+
+                n = cfg.student_steps
+                tracker.add(step, s_sum / n, kd_sum / n, abr_sum / n, loss_g, loss_p)
+                step += 1
+            record = {"lr": cfg.lr * factor, "iterations": step, **tracker.close_epoch()}
+            report_epoch(history, epoch + 1, student, on_epoch, record)
+            student.train()
+
+        info = {"iterations": step, "epochs": cfg.epochs, "iters_per_epoch": cfg.iters_per_epoch,
+                "paper_iterations": PAPER_EPOCHS * PAPER_ITERS_PER_EPOCH,
+                "shortened": step < PAPER_EPOCHS * PAPER_ITERS_PER_EPOCH,
+                "generator_lr": g_lr, "trigger_lr": p_lr, "image_shape": [c, h, w]}
+        return DefenseResult(student, history, info)
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    teacher = copy.deepcopy(model)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
