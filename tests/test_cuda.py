@@ -26,3 +26,20 @@ def test_training_and_evaluation_on_cuda_match_cpu_evaluation():
     on_gpu = evaluate(model, data.to(dev), attack)
     on_cpu = evaluate(model.float().cpu().to(memory_format=torch.contiguous_format), data, attack)
     assert abs(on_gpu["acc"] - on_cpu["acc"]) <= 3.0  # bf16 vs fp32 rounding flips a few argmaxes at most
+
+
+def test_defences_run_on_cuda_under_bf16():
+    from backdoor.defenses import DHBE, NFT
+
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    clean = ImageSet(torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(100) % 10)
+    victim = build_model("resnet18", 10, 3, [0.5] * 3, [0.25] * 3)
+    before = {k: v.clone() for k, v in victim.state_dict().items()}
+    nft = NFT(steps=10, rounds=2, batch_size=32).purify(victim, clean, device=dev)
+    after = nft.model.state_dict()
+    assert torch.equal(before["conv1.weight"], after["conv1.weight"].cpu())
+    assert torch.equal(before["layer4.1.conv2.weight"], after["layer4.1.conv2.weight"].cpu())
+    assert all(torch.isfinite(torch.tensor(h["loss_total"])) for h in nft.history)
+    dhbe = DHBE(epochs=2, iters_per_epoch=2, batch_size=32).purify(victim, None, device=dev, image_shape=(3, 32, 32))
+    assert len(dhbe.history) == 2 and all(torch.isfinite(torch.tensor(h["loss_student"])) for h in dhbe.history)

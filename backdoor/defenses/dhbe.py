@@ -9,7 +9,8 @@ small k x k patches that move S's output and S is penalised for reacting to them
     G:  -L1(S(x), T(x)) [+ w_tv * TV(x)]
     Gp: -L1(S(x + d), S(x))  (x detached)
 
-S stays in train mode throughout; the teacher is frozen in eval mode. Patches are pasted
+S stays in train mode throughout (switchable for the ablation); the teacher is frozen in
+eval mode. Patches are pasted
 in pixel space at one random position per call, shared by the batch.
 """
 from __future__ import annotations
@@ -53,6 +54,8 @@ class DHBEConfig:
     noise_dim: int = 256
     ngf: int = 64
     tv_weight: float = 0.0          # total-variation prior on G's samples; reference code: 1e-4
+    student_train_mode: bool = True  # S in train mode for every forward (BN statistics re-estimated on
+    #                                  G's samples); False = BN statistics frozen (ablation)
 
     def validate(self) -> None:
         check_finite_positive(self, "lr", "generator_lr", "trigger_lr", "lr_decay", "patch_scale")
@@ -110,12 +113,13 @@ class DHBE(Defense):
         c, h, w = image_shape
         k = cfg.generator_size
         check(k <= min(h, w), "generator_size", f"a {k}x{k} patch does not fit a {h}x{w} image")
-        torch.manual_seed(seed)  # generator initialisation
         fmt = memory_format(device)
         student = model
         teacher = prepare_model(_frozen_copy(model), device).eval()
-        gen_x = SampleGenerator((c, h, w), cfg.noise_dim, cfg.ngf).to(device).train()
-        gen_p = TriggerGenerator(c, k, cfg.noise_dim, scale=cfg.patch_scale).to(device).train()
+        with torch.random.fork_rng(devices=[]):  # seeded generator initialisation, global RNG left as it was
+            torch.manual_seed(seed)
+            gen_x = SampleGenerator((c, h, w), cfg.noise_dim, cfg.ngf).to(device).train()
+            gen_p = TriggerGenerator(c, k, cfg.noise_dim, scale=cfg.patch_scale).to(device).train()
         mean, std = pixel_statistics(student, c, device)
         g_lr, p_lr = cfg.generator_lrs()
         opt_s = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -132,7 +136,7 @@ class DHBE(Defense):
         tracker = LossTracker(self.name, ("student", "kd", "abr", "generator", "trigger"), device)
         history: list[dict] = []
         step = 0
-        student.train()
+        student.train(cfg.student_train_mode)
         for epoch in range(cfg.epochs):
             factor = cfg.lr_factor(epoch)
             for opt, base in base_lrs:
@@ -183,7 +187,7 @@ class DHBE(Defense):
                 step += 1
             record = {"lr": cfg.lr * factor, "iterations": step, **tracker.close_epoch()}
             report_epoch(history, epoch + 1, student, on_epoch, record)
-            student.train()
+            student.train(cfg.student_train_mode)
 
         info = {"iterations": step, "epochs": cfg.epochs, "iters_per_epoch": cfg.iters_per_epoch,
                 "paper_iterations": PAPER_EPOCHS * PAPER_ITERS_PER_EPOCH,

@@ -1,0 +1,88 @@
+"""Speed of the defences on the current device: time per NFT step and per DHBE iteration,
+and the projected time of the paper's full schedules (NFT 1,000 steps; DHBE 15,000 iterations).
+
+    python benchmarks/defense_speed.py                       # ResNet-18 CIFAR stem, 32x32, batch 128, n_s = 3
+    python benchmarks/defense_speed.py --model small_cnn --channels 1 --image-size 16
+
+Each figure runs the defence itself (`NFT.purify`, `DHBE.purify`) twice, with a short and a
+longer schedule, and divides the difference in wall time by the difference in steps, so
+set-up (copies, mask attachment, generator construction) is not counted per step; it is
+printed separately. Random weights and images: speed does not depend on them.
+Targets on one H100 (issue 3): NFT full schedule <= 15 s, DHBE full schedule <= 15 min.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from backdoor.data import ImageSet
+from backdoor.defenses import DHBE, NFT
+from backdoor.models import build_model
+from backdoor.runtime import resolve_device
+
+NFT_FULL_STEPS, DHBE_FULL_ITERATIONS = 1000, 15_000
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()  # every purify ends with a host read of its losses, so the device is synchronised
+    return time.perf_counter() - t0
+
+
+def per_unit(run, short: int, long: int) -> tuple[float, float]:
+    """(seconds per step, fixed set-up seconds) from runs of `short` and `long` steps."""
+    run(short)  # warm-up: allocator, cuDNN autotuning, lazy initialisation
+    t_short, t_long = timed(lambda: run(short)), timed(lambda: run(long))
+    step = (t_long - t_short) / (long - short)
+    return step, max(0.0, t_short - short * step)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--student-steps", type=int, default=3, help="DHBE n_s")
+    p.add_argument("--clean-images", type=int, default=500, help="NFT clean subset size (1%% of CIFAR-10)")
+    p.add_argument("--nft-steps", type=int, nargs=2, default=None, metavar=("SHORT", "LONG"),
+                   help="NFT schedules timed (default: 20 100 on CUDA, 2 5 on CPU)")
+    p.add_argument("--dhbe-iterations", type=int, nargs=2, default=None, metavar=("SHORT", "LONG"),
+                   help="DHBE schedules timed (default: 10 50 on CUDA, 1 3 on CPU)")
+    p.add_argument("--skip", choices=["nft", "dhbe"], action="append", default=[])
+    p.add_argument("--device", default="auto")
+    a = p.parse_args()
+    device = resolve_device(a.device)
+    cuda = device.type == "cuda"
+    nft_steps = a.nft_steps or ((20, 100) if cuda else (2, 5))
+    dhbe_iters = a.dhbe_iterations or ((10, 50) if cuda else (1, 3))
+    shape = (a.channels, a.image_size, a.image_size)
+    torch.manual_seed(0)
+    model = build_model(a.model, 10, a.channels, [0.5] * a.channels, [0.25] * a.channels)
+    g = torch.Generator().manual_seed(0)
+    clean = ImageSet(torch.randint(0, 256, (a.clean_images, *shape), dtype=torch.uint8, generator=g),
+                     torch.arange(a.clean_images) % 10)
+    name = torch.cuda.get_device_name(device) if cuda else "CPU"
+    print(f"device: {name} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}, model {a.model} "
+          f"{shape}, batch {a.batch_size}")
+
+    if "nft" not in a.skip:
+        def nft(steps: int) -> None:
+            NFT(steps=steps, rounds=1, batch_size=a.batch_size).purify(model, clean, device=device)
+        step, setup = per_unit(nft, *nft_steps)
+        print(f"NFT:  {step * 1e3:9.1f} ms/step   set-up {setup:6.2f} s   full schedule ({NFT_FULL_STEPS} steps): "
+              f"{NFT_FULL_STEPS * step + setup:9.1f} s (without evaluation)")
+    if "dhbe" not in a.skip:
+        def dhbe(iterations: int) -> None:
+            DHBE(epochs=1, iters_per_epoch=iterations, batch_size=a.batch_size,
+                 student_steps=a.student_steps).purify(model, None, device=device, image_shape=shape)
+        it, setup = per_unit(dhbe, *dhbe_iters)
+        full = DHBE_FULL_ITERATIONS * it + setup
+        print(f"DHBE: {it * 1e3:9.1f} ms/iter   set-up {setup:6.2f} s   full schedule ({DHBE_FULL_ITERATIONS} iterations, "
+              f"n_s={a.student_steps}): {full:9.1f} s = {full / 60:.1f} min (without evaluation)")
+
+
+if __name__ == "__main__":
+    main()
