@@ -72,7 +72,13 @@ def main(argv: list[str] | None = None) -> int:
             overrides, victim_fields = json.loads(a.defense_config), json.loads(a.victim)
         except json.JSONDecodeError as err:
             raise ValueError(f"--defense-config / --victim: not valid JSON ({err})") from err
+        defense = build_defense(a.defense, overrides)  # bad names and fields fail before any training
+        if defense.needs_clean_data and a.clean_fraction is None and a.shots is None:
+            raise ValueError(f"--clean-fraction / --shots: {a.defense} needs clean data; give one of them")
+        if not isinstance(victim_fields, dict):
+            raise ValueError(f"--victim: must be a JSON object of VictimSpec fields, got {a.victim!r}")
         spec = VictimSpec.from_dict({**d.to_dict(), **victim_fields})
+        spec.validate()
         victim = get_or_train(spec, a.cache_dir, data_root=a.data_root, device=a.device, log=log)
         t0 = time.perf_counter()
         out = run_defense(victim, a.defense, overrides, clean_fraction=a.clean_fraction, shots=a.shots,

@@ -15,6 +15,7 @@ in pixel space at one random position per call, shared by the batch.
 """
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass
 
@@ -197,8 +198,6 @@ class DHBE(Defense):
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
-    import copy
-
     teacher = copy.deepcopy(model)
     for p in teacher.parameters():
         p.requires_grad_(False)

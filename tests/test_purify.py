@@ -1,0 +1,41 @@
+"""The purification pipeline: victim -> clean subset -> defence -> per-epoch ACC / ASR; CLI errors."""
+import pytest
+
+from backdoor.purify import main, run_defense
+from backdoor.victims import VictimSpec, get_or_train
+
+
+@pytest.fixture(scope="module")
+def victim(tmp_path_factory, digits):
+    return get_or_train(VictimSpec(epochs=5), tmp_path_factory.mktemp("victims"), data=digits, device="cpu",
+                        log=lambda m: None)
+
+
+def test_nft_run_reports_every_round_and_uses_only_the_clean_subset(victim):
+    out = run_defense(victim, "nft", {"steps": 20, "rounds": 2, "batch_size": 32}, shots=3, log=lambda m: None)
+    assert out["clean_images"] == 30
+    assert [h["epoch"] for h in out["history"]] == [1, 2]
+    assert {"acc", "asr", "asr_x9", "loss_total"} <= set(out["history"][-1])
+    assert out["after"]["acc"] == out["history"][-1]["acc"]
+    assert out["before"]["asr"] == pytest.approx(victim.metrics["asr"])
+
+
+def test_dhbe_run_gets_no_clean_data(victim):
+    out = run_defense(victim, "dhbe", {"epochs": 1, "iters_per_epoch": 1, "batch_size": 8, "ngf": 8},
+                      shots=3, log=lambda m: None)
+    assert out["clean_images"] == 0 and out["info"]["shortened"] is True
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--defense", "nope"], "defense: unknown defence 'nope'"),
+    (["--defense", "nft"], "--clean-fraction / --shots"),
+    (["--defense", "nft", "--shots", "5", "--defense-config", '{"lr": -1}'], "lr: must be > 0"),
+    (["--defense", "dhbe", "--defense-config", '{"gen_size": 3}'], "unknown config field"),
+    (["--defense", "dhbe", "--defense-config", "{bad json"], "not valid JSON"),
+    (["--defense", "dhbe", "--victim", '{"model": "vgg"}'], "model: unknown model"),
+])
+def test_cli_bad_input_names_the_field_before_training(args, field, capsys, monkeypatch):
+    import backdoor.purify as purify
+    monkeypatch.setattr(purify, "get_or_train", lambda *a, **k: pytest.fail("trained before validating"))
+    assert main(args) == 2
+    assert field in capsys.readouterr().err
