@@ -15,16 +15,19 @@ import sys
 import time
 
 from .data import clean_subset
-from .defenses import DEFENSES, DefenseDiverged, build_defense
+from .defenses import DEFENSES, Defense, DefenseDiverged, build_defense
 from .metrics import correct_mask, evaluate
 from .victims import Victim, VictimSpec, get_or_train
 
 
-def run_defense(victim: Victim, defense_name: str, defense_config: dict | None = None, *,
+def run_defense(victim: Victim, defense: str | Defense, defense_config: dict | None = None, *,
                 clean_fraction: float | None = None, shots: int | None = None, subset_seed: int = 0,
                 seed: int = 0, log=print) -> dict:
-    """Purify `victim` with one defence and return before/after metrics, history and timing."""
-    defense = build_defense(defense_name, defense_config)
+    """Purify `victim` with one defence (a name plus config overrides, or a built `Defense`)
+    and return before/after metrics, history and timing."""
+    if isinstance(defense, str):
+        defense = build_defense(defense, defense_config)
+    defense_name = defense.name
     data = None
     if defense.needs_clean_data:
         if clean_fraction is None and shots is None:
@@ -75,13 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         defense = build_defense(a.defense, overrides)  # bad names and fields fail before any training
         if defense.needs_clean_data and a.clean_fraction is None and a.shots is None:
             raise ValueError(f"--clean-fraction / --shots: {a.defense} needs clean data; give one of them")
+        if a.clean_fraction is not None and a.shots is not None:
+            raise ValueError("--clean-fraction / --shots: give one of them, not both")
         if not isinstance(victim_fields, dict):
             raise ValueError(f"--victim: must be a JSON object of VictimSpec fields, got {a.victim!r}")
         spec = VictimSpec.from_dict({**d.to_dict(), **victim_fields})
         spec.validate()
         victim = get_or_train(spec, a.cache_dir, data_root=a.data_root, device=a.device, log=log)
         t0 = time.perf_counter()
-        out = run_defense(victim, a.defense, overrides, clean_fraction=a.clean_fraction, shots=a.shots,
+        out = run_defense(victim, defense, clean_fraction=a.clean_fraction, shots=a.shots,
                           subset_seed=a.subset_seed, seed=a.seed, log=log)
         out["wall_seconds"] = time.perf_counter() - t0
     except DefenseDiverged as err:

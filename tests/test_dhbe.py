@@ -141,3 +141,8 @@ def test_bad_config_names_the_field(overrides, field):
 def test_patch_larger_than_image_is_refused():
     with pytest.raises(ValueError, match="generator_size"):
         DHBE(**{**TINY, "generator_size": 9}).purify(_model(), None, device="cpu", image_shape=(1, 8, 8))
+
+
+def test_image_shape_with_the_wrong_channels_is_refused():
+    with pytest.raises(ValueError, match="image_shape: 3 channel"):
+        DHBE(**TINY).purify(_model(1), None, device="cpu", image_shape=(3, 16, 16))

@@ -29,6 +29,7 @@ def test_dhbe_run_gets_no_clean_data(victim):
 @pytest.mark.parametrize("args, field", [
     (["--defense", "nope"], "defense: unknown defence 'nope'"),
     (["--defense", "nft"], "--clean-fraction / --shots"),
+    (["--defense", "nft", "--shots", "5", "--clean-fraction", "0.1"], "not both"),
     (["--defense", "nft", "--shots", "5", "--defense-config", '{"lr": -1}'], "lr: must be > 0"),
     (["--defense", "dhbe", "--defense-config", '{"gen_size": 3}'], "unknown config field"),
     (["--defense", "dhbe", "--defense-config", "{bad json"], "not valid JSON"),

@@ -99,6 +99,8 @@ def pixel_statistics(model: nn.Module, channels: int, device: torch.device) -> t
     norm = next((m for m in model.modules() if isinstance(m, Normalize)), None)
     if norm is None:
         return torch.zeros(1, channels, 1, 1, device=device), torch.ones(1, channels, 1, 1, device=device)
+    if norm.mean.numel() != channels:
+        raise ValueError(f"image_shape: {channels} channel(s), but the model normalises {norm.mean.numel()}")
     return norm.mean.detach().clone(), norm.std.detach().clone()
 
 

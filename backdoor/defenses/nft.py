@@ -117,7 +117,7 @@ class NFT(Defense):
                         loss_mix = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
                     else:
                         loss_mix = F.cross_entropy(model(x.contiguous(memory_format=fmt)).float(), y)
-                loss_reg = sum((1 - m.mask).abs().sum() for m in masks)
+                loss_reg = (1 - torch.cat([m.mask for m in masks])).abs().sum()
                 loss = loss_mix + reg_weight * loss_reg
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
