@@ -27,6 +27,7 @@ def run_defense(victim: Victim, defense: str | Defense, defense_config: dict | N
     and return before/after metrics, history and timing."""
     if isinstance(defense, str):
         defense = build_defense(defense, defense_config)
+    defense = defense.with_known_target(victim.attack.target)  # NC's known-target protocol
     defense_name = defense.name
     data = None
     if defense.needs_clean_data:

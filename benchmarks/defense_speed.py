@@ -1,14 +1,19 @@
 """Speed of the defences on the current device: time per NFT step and per DHBE iteration,
-and the projected time of the paper's full schedules (NFT 1,000 steps; DHBE 15,000 iterations).
+and the projected time of the paper's full schedules (NFT 1,000 steps; DHBE 15,000 iterations);
+then the baselines (FT, FP, NAD, ANP, NC), each run once with its full default schedule on
+2,000 clean images, FT also with its final evaluation on a 10,000-image test set.
 
     python benchmarks/defense_speed.py                       # ResNet-18 CIFAR stem, 32x32, batch 128, n_s = 3
     python benchmarks/defense_speed.py --model small_cnn --channels 1 --image-size 16
+    python benchmarks/defense_speed.py --skip nft --skip dhbe --baselines ft fp   # some baselines only
 
 Each figure runs the defence itself (`NFT.purify`, `DHBE.purify`) twice, with a short and a
 longer schedule, and divides the difference in wall time by the difference in steps, so
 set-up (copies, mask attachment, generator construction) is not counted per step; it is
 printed separately. Random weights and images: speed does not depend on them.
-Targets on one H100 (issue 3): NFT full schedule <= 15 s, DHBE full schedule <= 15 min.
+Targets on one H100: NFT full schedule <= 15 s, DHBE full schedule <= 15 min (issue 3);
+FT, 20 epochs x 2,000 samples plus its final evaluation, <= 5 s (issue 4). The baselines run
+their real schedules, which takes minutes per baseline with ResNet-18 on a CPU.
 """
 from __future__ import annotations
 
@@ -18,7 +23,9 @@ import time
 import torch
 
 from backdoor.data import ImageSet
-from backdoor.defenses import DHBE, NFT
+from backdoor.attacks import BadNets
+from backdoor.defenses import DHBE, NFT, build_defense
+from backdoor.metrics import evaluate
 from backdoor.models import build_model
 from backdoor.runtime import resolve_device
 
@@ -52,6 +59,10 @@ def main() -> None:
     p.add_argument("--dhbe-iterations", type=int, nargs=2, default=None, metavar=("SHORT", "LONG"),
                    help="DHBE schedules timed (default: 10 50 on CUDA, 1 3 on CPU)")
     p.add_argument("--skip", choices=["nft", "dhbe"], action="append", default=[])
+    p.add_argument("--baselines", nargs="*", default=["ft", "fp", "nad", "anp", "nc"],
+                   help="baselines to run with their full default schedule (none: skip)")
+    p.add_argument("--baseline-images", type=int, default=2000, help="clean subset size for the baselines")
+    p.add_argument("--test-images", type=int, default=10_000, help="test set for FT's final evaluation")
     p.add_argument("--device", default="auto")
     a = p.parse_args()
     device = resolve_device(a.device)
@@ -82,6 +93,37 @@ def main() -> None:
         full = DHBE_FULL_ITERATIONS * it + setup
         print(f"DHBE: {it * 1e3:9.1f} ms/iter   set-up {setup:6.2f} s   full schedule ({DHBE_FULL_ITERATIONS} iterations, "
               f"n_s={a.student_steps}): {full:9.1f} s = {full / 60:.1f} min (without evaluation)")
+
+    if a.baselines:
+        baseline_times(a, model, shape, device)
+
+
+def baseline_times(a, model, shape, device) -> None:
+    """Each baseline once at its defaults (warm-up first on CUDA), wall seconds for the whole run."""
+    g = torch.Generator().manual_seed(1)
+    clean = ImageSet(torch.randint(0, 256, (a.baseline_images, *shape), dtype=torch.uint8, generator=g),
+                     torch.arange(a.baseline_images) % 10)
+    test = ImageSet(torch.randint(0, 256, (a.test_images, *shape), dtype=torch.uint8, generator=g),
+                    torch.arange(a.test_images) % 10).to(device)
+    attack = BadNets(shape, 10)
+    for name in a.baselines:
+        config = {"target": 0} if name == "nc" else {}
+        if device.type == "cuda":  # warm-up: cuDNN autotuning, allocator, lazy init
+            short = {"iterations": 5, "reports": 1} if name == "anp" else {"epochs": 1, "samples_per_epoch": 128}
+            if name == "nad":
+                short["teacher_epochs"] = 1
+            if name == "nc":
+                short.update(reverse_epochs=1, reverse_steps_per_epoch=2)
+            build_defense(name, {**config, **short}).purify(model, clean, device=device)
+        defense = build_defense(name, config)
+        t0 = time.perf_counter()
+        result = defense.purify(model, clean, device=device)
+        t_purify = time.perf_counter() - t0
+        evaluate(result.model, test, attack)  # ends with a host read: synchronised
+        t_total = time.perf_counter() - t0
+        steps = result.info.get("steps") or result.info["config"].get("iterations")
+        print(f"{name.upper():4s}: default schedule on {len(clean)} images {t_purify:8.2f} s, with evaluation on "
+              f"{len(test)} test images {t_total:8.2f} s   ({steps} optimiser steps)", flush=True)
 
 
 if __name__ == "__main__":

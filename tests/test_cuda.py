@@ -43,3 +43,23 @@ def test_defences_run_on_cuda_under_bf16():
     assert all(torch.isfinite(torch.tensor(h["loss_total"])) for h in nft.history)
     dhbe = DHBE(epochs=2, iters_per_epoch=2, batch_size=32).purify(victim, None, device=dev, image_shape=(3, 32, 32))
     assert len(dhbe.history) == 2 and all(torch.isfinite(torch.tensor(h["loss_student"])) for h in dhbe.history)
+
+
+def test_baselines_run_on_cuda_under_bf16():
+    from backdoor.defenses import build_defense
+
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    clean = ImageSet(torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(100) % 10)
+    victim = build_model("resnet18", 10, 3, [0.5] * 3, [0.25] * 3)
+    short = dict(epochs=2, samples_per_epoch=128, batch_size=32)
+    configs = {"ft": short, "fp": {**short, "prune_ratio": 0.5}, "nad": {**short, "teacher_epochs": 1},
+               "anp": dict(iterations=4, batch_size=32, reports=2),
+               "nc": {**short, "target": 0, "reverse_epochs": 2, "reverse_steps_per_epoch": 2}}
+    for name, cfg in configs.items():
+        result = build_defense(name, cfg).purify(victim, clean, device=dev)
+        assert result.history, name
+        assert all(torch.isfinite(torch.tensor(v)) for h in result.history for k, v in h.items()
+                   if k.startswith("loss_")), name
+        if name == "fp":
+            assert torch.all(result.model.linear.weight[:, result.info["pruned_channels"]] == 0)

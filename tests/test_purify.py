@@ -2,13 +2,11 @@
 import pytest
 
 from backdoor.purify import main, run_defense
-from backdoor.victims import VictimSpec, get_or_train
 
 
-@pytest.fixture(scope="module")
-def victim(tmp_path_factory, digits):
-    return get_or_train(VictimSpec(epochs=5), tmp_path_factory.mktemp("victims"), data=digits, device="cpu",
-                        log=lambda m: None)
+@pytest.fixture
+def victim(digits_victim):
+    return digits_victim
 
 
 def test_nft_run_reports_every_round_and_uses_only_the_clean_subset(victim):

@@ -32,3 +32,20 @@ def sample_batches(data: ImageSet, batch_size: int, steps: int, *, generator: to
         idx = torch.randint(0, len(data), (batch_size,), device=data.device, generator=generator)
         x = to_float(data.x[idx])
         yield (augment(x, generator) if augment is not None else x), data.y[idx]
+
+
+def repeated_batches(data: ImageSet, samples: int, batch_size: int, *, generator: torch.Generator | None = None,
+                     augment: Augment | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of `samples` images: the set shuffled and repeated as often as needed (or a
+    random `samples` of it when larger), in batches; a trailing 1-image batch is dropped
+    (BatchNorm in train mode cannot use it). The baselines' fine-tuning schedule."""
+    n = len(data)
+    reps = -(-samples // n)
+    # `reps` independent permutations in one op, concatenated: every image once per repetition
+    order = torch.rand(reps, n, device=data.device, generator=generator).argsort(dim=1).flatten()[:samples]
+    for start in range(0, samples, batch_size):
+        idx = order[start : start + batch_size]
+        if idx.numel() < 2 <= samples:
+            break
+        x = to_float(data.x[idx])
+        yield (augment(x, generator) if augment is not None else x), data.y[idx]

@@ -5,13 +5,23 @@ A new defence is one module with a config dataclass (the paper's defaults) and a
 """
 from __future__ import annotations
 
+from .anp import ANP, ANPConfig
 from .base import Defense, DefenseDiverged, DefenseResult, EpochCallback
 from .dhbe import DHBE, DHBEConfig
+from .fine_pruning import FP, FPConfig
+from .finetune import FT, FTConfig, FTSchedule
+from .nad import NAD, NADConfig
+from .neural_cleanse import NC, NCConfig
 from .nft import NFT, NFTConfig
 
 DEFENSES: dict[str, type[Defense]] = {
     "nft": NFT,
     "dhbe": DHBE,
+    "ft": FT,
+    "fp": FP,
+    "nad": NAD,
+    "anp": ANP,
+    "nc": NC,
 }
 
 
@@ -24,5 +34,6 @@ def build_defense(name: str, config: dict | None = None) -> Defense:
     return DEFENSES[name](**(config or {}))
 
 
-__all__ = ["DEFENSES", "DHBE", "DHBEConfig", "Defense", "DefenseDiverged", "DefenseResult", "EpochCallback",
+__all__ = ["ANP", "ANPConfig", "DEFENSES", "DHBE", "DHBEConfig", "Defense", "DefenseDiverged", "DefenseResult",
+           "EpochCallback", "FP", "FPConfig", "FT", "FTConfig", "FTSchedule", "NAD", "NADConfig", "NC", "NCConfig",
            "NFT", "NFTConfig", "build_defense"]

@@ -116,6 +116,11 @@ class Defense:
         cfg.validate()
         self.config = cfg
 
+    def with_known_target(self, target: int) -> "Defense":
+        """The known-target protocol: a defence that takes the attack's target class from the
+        pipeline (NC) returns a copy configured with it; every other defence returns itself."""
+        return self
+
     def purify(self, model: nn.Module, clean_subset: ImageSet | None, *, device: str | torch.device | None = None,
                image_shape: tuple[int, int, int] | None = None, augment: Augment | None = None,
                on_epoch: EpochCallback | None = None, seed: int = 0) -> DefenseResult:
