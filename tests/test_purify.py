@@ -32,6 +32,10 @@ def test_dhbe_run_gets_no_clean_data(victim):
     (["--defense", "dhbe", "--defense-config", '{"gen_size": 3}'], "unknown config field"),
     (["--defense", "dhbe", "--defense-config", "{bad json"], "not valid JSON"),
     (["--defense", "dhbe", "--victim", '{"model": "vgg"}'], "model: unknown model"),
+    (["--defense", "fp", "--shots", "2", "--defense-config", '{"prune_ratio": 1.5}'], "prune_ratio: must be in [0, 1)"),
+    (["--defense", "ft", "--shots", "2", "--defense-config", '{"lr": 0}'], "lr: must be > 0"),
+    (["--defense", "anp", "--shots", "2", "--defense-config", '{"threshold": -1}'], "threshold: must be in [0, 1]"),
+    (["--defense", "nc"], "--clean-fraction / --shots"),
 ])
 def test_cli_bad_input_names_the_field_before_training(args, field, capsys, monkeypatch):
     import backdoor.purify as purify
