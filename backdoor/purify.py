@@ -25,9 +25,10 @@ from .victims import Victim, VictimSpec, get_or_train
 
 def run_defense(victim: Victim, defense: str | Defense, defense_config: dict | None = None, *,
                 clean_fraction: float | None = None, shots: int | None = None, subset_seed: int = 0,
-                seed: int = 0, log=print) -> dict:
+                seed: int = 0, log=print, on_metrics=None) -> dict:
     """Purify `victim` with one defence (a name plus config overrides, or a built `Defense`)
-    and return before/after metrics, history and timing."""
+    and return before/after metrics, history and timing. `on_metrics(epoch, metrics)` gets
+    every epoch's ACC / ASR (a study streams them to Ray Tune)."""
     if isinstance(defense, str):
         defense = build_defense(defense, defense_config)
     defense = defense.with_known_target(victim.attack.target)  # NC's known-target protocol
@@ -45,6 +46,8 @@ def run_defense(victim: Victim, defense: str | Defense, defense_config: dict | N
         m = evaluate(model, victim.splits.test, victim.attack, reference_correct=reference)
         log(f"  {defense_name} epoch {epoch}: ACC {m['acc']:.2f}%  ASR {m['asr']:.2f}%  "
             f"({time.perf_counter() - t0:.1f} s)")
+        if on_metrics is not None:
+            on_metrics(epoch, m)
         return m
 
     result = defense.purify(victim.model, data, device=victim.splits.test.device,

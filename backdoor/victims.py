@@ -234,6 +234,34 @@ def get_or_train(spec: VictimSpec, cache_dir: str | os.PathLike | None = None, *
     return Victim(spec, victim_id, model.eval(), attack, splits, metrics, False, seconds)
 
 
+def pack_victim(victim: Victim) -> dict:
+    """A victim as plain data (safetensors weight bytes, CPU splits, spec, metrics), for
+    handing to other processes or machines (e.g. through Ray's object store), not disk."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().contiguous().cpu() for k, v in victim.model.state_dict().items()}
+    return {"spec": victim.spec.to_dict(), "victim_id": victim.victim_id, "metrics": victim.metrics,
+            "train_seconds": victim.train_seconds, "from_cache": victim.from_cache,
+            "weights": save(state), "splits": victim.splits.to("cpu")}
+
+
+def unpack_victim(packed: dict, device=None) -> Victim:
+    """The inverse of `pack_victim`: weights are read with safetensors (no pickled code), and the
+    victim id is checked against the spec and the exact data it came with."""
+    from safetensors.torch import load
+
+    spec = VictimSpec.from_dict(packed["spec"])
+    splits: DatasetSplits = packed["splits"]
+    if spec.victim_id(splits.fingerprint) != packed["victim_id"]:
+        raise ValueError(f"victim: packed victim {packed['victim_id']} does not match its spec and data")
+    device = resolve_device(device)
+    model = build_model(spec.model, splits.num_classes, splits.image_shape[0], splits.mean, splits.std)
+    model.load_state_dict(load(packed["weights"]), strict=True)
+    attack = build_attack(spec.attack, splits.image_shape, splits.num_classes, target=spec.target, **spec.attack_params)
+    return Victim(spec, packed["victim_id"], prepare_model(model, device).eval(), attack, splits.to(device),
+                  packed["metrics"], packed["from_cache"], packed["train_seconds"])
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: train (or load) one victim and print its metrics as JSON."""
     d = VictimSpec()

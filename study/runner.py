@@ -1,0 +1,189 @@
+"""The running part of a study: Ray start-up, MLflow parent run, victim stage, Tune runs.
+
+Kept apart from `sensitivity` so `--dry-run` and spec errors never start Ray or MLflow.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import mlflow
+import ray
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from backdoor.data import clean_subset
+from trainables.purify_trial import purify_trial, resolve_trial
+from trainables.victim_stage import victim_task
+
+from .spec import SpecError, StudySpec
+from .tracking import ResultsFile, StudyRecorder, read_results, result_columns
+
+
+def start_tracking(spec: StudySpec, out: Path, state: dict, done_ids: set[str], log) -> tuple[MlflowClient, str]:
+    """The study's experiment and parent run (re-opened on resume). On resume, child runs of
+    trials that never reached results.csv (killed mid-trial) are deleted: they run again."""
+    mlflow.set_tracking_uri(state["tracking_uri"])
+    client = MlflowClient(state["tracking_uri"])
+    exp = client.get_experiment_by_name(spec.experiment)
+    experiment_id = exp.experiment_id if exp is not None else client.create_experiment(spec.experiment)
+    if state.get("parent_run_id"):
+        parent = state["parent_run_id"]
+        client.update_run(parent, status="RUNNING")
+        stale = [r for r in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}'",
+                                               max_results=50_000)
+                 if r.data.tags.get("trial_id") not in done_ids]
+        for r in stale:
+            client.delete_run(r.info.run_id)
+        log(f"resuming: {len(done_ids)} trials already recorded; {len(stale)} unfinished MLflow run(s) removed")
+    else:
+        run = client.create_run(experiment_id, tags={"mlflow.runName": f"{spec.name}-{out.name}", "study": spec.name,
+                                                     "kind": "study"}, run_name=f"{spec.name}-{out.name}")
+        parent = run.info.run_id
+        client.log_param(parent, "spec", json.dumps(spec.raw)[:6000])
+    state.update(parent_run_id=parent, experiment_id=experiment_id)
+    (out / "state.json").write_text(json.dumps(state, indent=2))
+    return client, parent
+
+
+def prepare_victims(spec: StudySpec, args, log) -> dict[int, dict]:
+    """Every victim of the spec, trained or loaded as Ray tasks, packed for the object store."""
+    log(f"victim stage: {len(spec.victims)} victim(s)")
+    task = victim_task(spec.gpu, spec.cpu)
+    refs = [task.remote(v.to_dict(), args.cache_dir, args.data_root) for v in spec.victims]
+    try:
+        packed = ray.get(refs)
+    except ray.exceptions.RayTaskError as err:
+        cause = err.as_instanceof_cause()
+        if isinstance(cause, (FileNotFoundError, ValueError)):
+            raise FileNotFoundError(f"victims: {str(cause).splitlines()[-1]}") from err
+        raise
+    for i, p in enumerate(packed):
+        log(f"  victim {i}: {p['victim_id']} ACC {p['metrics']['acc']:.2f}%  ASR {p['metrics']['asr']:.2f}%"
+            f"{' (cache)' if p['from_cache'] else ''}")
+    return dict(enumerate(packed))
+
+
+def check_budgets(spec: StudySpec, victims: dict[int, dict]) -> None:
+    """Every clean budget must be drawable from every victim's defender pool (before any trial)."""
+    for i, v in victims.items():
+        for f in spec.fractions:
+            try:
+                clean_subset(v["splits"], fraction=f, seed=0)
+            except ValueError as err:
+                raise SpecError(f"clean.fractions: {f} on victims[{i}]: {err}") from err
+        for s in spec.shots:
+            try:
+                clean_subset(v["splits"], shots=s, seed=0)
+            except ValueError as err:
+                raise SpecError(f"clean.shots: {s} on victims[{i}]: {err}") from err
+
+
+def _tuner(spec: StudySpec, trainable_kwargs: dict, param_space: dict, recorder, out: Path, name: str,
+           search_alg=None, num_samples: int = 1) -> tune.Tuner:
+    trainable = tune.with_resources(tune.with_parameters(purify_trial, **trainable_kwargs),
+                                    {"cpu": spec.cpu, "gpu": spec.gpu})
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=num_samples, reuse_actors=True,
+                                    max_concurrent_trials=spec.max_concurrent,
+                                    trial_name_creator=lambda t: f"trial_{t.trial_id}",
+                                    trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
+        run_config=tune.RunConfig(name=name, storage_path=str((out / "ray").resolve()), callbacks=[recorder],
+                                  verbose=0, failure_config=tune.FailureConfig(max_failures=0)))
+
+
+def run_study(spec: StudySpec, trials: list[dict], out: Path, state: dict, done_ids: set[str], *, args, log) -> int:
+    """Run every pending trial; returns how many failed in this invocation."""
+    results = ResultsFile(out / "results.csv", result_columns(spec))
+    client, parent = start_tracking(spec, out, state, done_ids, log)
+    if not ray.is_initialized():
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    status = "FAILED"
+    try:
+        victims = prepare_victims(spec, args, log)
+        check_budgets(spec, victims)
+        kwargs = {"victims": victims, "cpus_per_trial": spec.cpu}
+        if args.search == "grid":
+            pending = [t for t in trials if t["trial_id"] not in done_ids]
+            log(f"running {len(pending)} of {len(trials)} trials ({spec.cpu:g} CPU, {spec.gpu:g} GPU each)")
+            recorder = StudyRecorder(spec=spec, results=results, client=client, experiment_id=state["experiment_id"],
+                                     parent_run_id=parent, victims=victims, resolve=lambda c: resolve_trial(c),
+                                     total=len(trials), done=len(done_ids), log=log)
+            if pending:
+                _tuner(spec, kwargs, {"trial": tune.grid_search(pending)}, recorder, out, "grid").fit()
+            failed = recorder.failed
+        else:
+            failed = run_optuna(spec, out, state, client, parent, victims, results, kwargs, args, log)
+        status = "FINISHED"
+    finally:
+        for name in ("results.csv", "study.yaml", "pareto.csv"):
+            if (out / name).exists():
+                client.log_artifact(parent, str(out / name))
+        client.set_tag(parent, "trials_recorded", str(len(read_results(out / "results.csv"))))
+        client.set_terminated(parent, status=status)
+    return failed
+
+
+def run_optuna(spec: StudySpec, out: Path, state: dict, client, parent: str, victims: dict, results: ResultsFile,
+               kwargs: dict, args, log) -> int:
+    """Per victim and defence entry: Optuna (through Tune's OptunaSearch) maximising ACC and
+    minimising ASR over the entry's axes, the clean budget and the subset seed; history in
+    optuna.db; the Pareto front of every defence in pareto.csv."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'optuna.db').resolve()}")
+    rows = read_results(out / "results.csv")
+    failed = 0
+    for vi in victims:
+        for di, d in enumerate(spec.defenses):
+            if d.victims is not None and vi not in d.victims:
+                continue
+            study_name = f"{spec.name}-v{vi}-d{di}-{d.name}"
+            space = {f"axis:{n}": axis.to_tune() for n, axis in d.sweep.items()}
+            if d.needs_clean_data:
+                if spec.fractions:
+                    space["axis:clean_fraction"] = tune.choice(spec.fractions)
+                else:
+                    space["axis:shots"] = tune.choice(spec.shots)
+            space["axis:subset_seed"] = tune.choice(spec.subset_seeds)
+            salt = hashlib.sha256(json.dumps([spec.victims[vi].to_dict(), di]).encode()).hexdigest()[:8]
+            base = {"trial_id": None, "id_salt": salt, "victim_index": vi, "defense": d.name, "config": d.config,
+                    "axes": {}, "fields": d.fields, "clean_fraction": None, "shots": None,
+                    "subset_seed": spec.subset_seeds[0]}
+            already = sum(r["trial_id"].startswith(salt) for r in rows)
+            remaining = args.num_samples - already
+            if remaining <= 0:
+                continue
+            log(f"optuna: {study_name}: {remaining} trial(s) over {sorted(space)}")
+            searcher = OptunaSearch(metric=["acc", "asr"], mode=["max", "min"], study_name=study_name,
+                                    storage=storage, seed=vi * 1000 + di)
+            recorder = StudyRecorder(spec=spec, results=results, client=client,
+                                     experiment_id=state["experiment_id"], parent_run_id=parent, victims=victims,
+                                     resolve=lambda c, b=base: resolve_trial(c, b), total=remaining, log=log)
+            _tuner(spec, {**kwargs, "base": base}, space, recorder, out, study_name, search_alg=searcher,
+                   num_samples=remaining).fit()
+            failed += recorder.failed
+    write_pareto(out)
+    return failed
+
+
+def write_pareto(out: Path) -> None:
+    """pareto.csv: per defence, the finished trials no other finished trial beats on both ACC and ASR."""
+    import csv
+
+    rows = [r for r in read_results(out / "results.csv") if r["status"] == "finished"]
+    front = []
+    for r in rows:
+        acc, asr = float(r["acc"]), float(r["asr"])
+        if not any(o["defense"] == r["defense"] and float(o["acc"]) >= acc and float(o["asr"]) <= asr
+                   and (float(o["acc"]) > acc or float(o["asr"]) < asr) for o in rows):
+            front.append(r)
+    front.sort(key=lambda r: (r["defense"], -float(r["acc"])))
+    if rows:
+        with open(out / "pareto.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, list(rows[0]))
+            w.writeheader()
+            w.writerows(front)

@@ -1,0 +1,117 @@
+"""Run a sensitivity study: a spec -> victims -> a grid (or Optuna search) of defence trials
+on Ray Tune -> results.csv + MLflow (one parent run, one child run per trial).
+
+    python -m study.sensitivity                          # the quick preset: digits, offline, minutes on a CPU
+    python -m study.sensitivity --preset paper-cifar10 --data-root /data/cifar10 --address auto
+    python -m study.sensitivity --config my_study.yaml --dry-run
+    python -m study.sensitivity --resume runs/quick-20261125-101500   # finish a killed study
+    python -m study.sensitivity --search optuna --num-samples 20      # multi-objective: max ACC, min ASR
+
+Exit code 0: every trial finished; 1: some failed (all results still written); 2: bad input.
+Output directory: results.csv, study.yaml, state.json (MLflow ids for --resume), ray/
+(Tune's files), and with Optuna optuna.db (the searches' history) and pareto.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .spec import SpecError, StudySpec, count_summary, expand_trials, load_spec, parse_spec
+from .tracking import read_results
+
+DEFAULT_MLFLOW_URI = "sqlite:///mlflow.db"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m study.sensitivity", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=None, help="a preset in study/presets (default: quick)")
+    src.add_argument("--config", default=None, help="a study spec YAML file")
+    src.add_argument("--resume", default=None, metavar="DIR", help="finish the study in DIR (its study.yaml)")
+    p.add_argument("--out", default=None, help="output directory (default: runs/<name>-<time>)")
+    p.add_argument("--mlflow-uri", default=None, help=f"MLflow tracking URI (default {DEFAULT_MLFLOW_URI} here)")
+    p.add_argument("--address", default=None, help="Ray cluster address ('auto' on a cluster; default: local Ray)")
+    p.add_argument("--data-root", default=None, help="dataset directory for non-built-in datasets")
+    p.add_argument("--cache-dir", default=None, help="victim cache (default: $BACKDOOR_CACHE/victims)")
+    p.add_argument("--dry-run", action="store_true", help="print the trial grid and its size, run nothing")
+    p.add_argument("--search", choices=["grid", "optuna"], default="grid")
+    p.add_argument("--num-samples", type=int, default=20, help="Optuna: trials per defence (and victim)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    t0 = time.perf_counter()
+    try:
+        spec, out, state = _setup(a)
+        trials = expand_trials(spec)
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if a.dry_run:
+        log(f"study {spec.name!r}: {len(trials)} trials ({a.search} search)\n{count_summary(spec, trials)}")
+        for t in trials:
+            budget = t["clean_fraction"] if t["clean_fraction"] is not None else t["shots"]
+            log(f"  {t['trial_id']}  victim {t['victim_index']}  {t['defense']:4s}  {json.dumps(t['axes'])}  "
+                f"budget {budget}  seed {t['subset_seed']}")
+        return 0
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "study.yaml").exists():
+        (out / "study.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
+    done = read_results(out / "results.csv")
+    done_ids = {r["trial_id"] for r in done}
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    from . import runner  # Ray, MLflow and Optuna load only when something runs
+
+    try:
+        failed = runner.run_study(spec, trials, out, state, done_ids, args=a, log=log)
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows = read_results(out / "results.csv")
+    n_failed = sum(r["status"] == "failed" for r in rows)
+    log(f"study {spec.name!r} done in {time.perf_counter() - t0:.0f} s: {len(rows)} trials recorded in "
+        f"{out / 'results.csv'} ({n_failed} failed); MLflow: {state['tracking_uri']} experiment "
+        f"{spec.experiment!r}, parent run {state['parent_run_id']}")
+    return 1 if n_failed or failed else 0
+
+
+def _setup(a: argparse.Namespace) -> tuple[StudySpec, Path, dict]:
+    """The spec, the output directory and the state (MLflow URI; parent run id once known)."""
+    if a.num_samples < 1:
+        raise SpecError(f"--num-samples: must be >= 1, got {a.num_samples}")
+    if a.resume is not None:
+        out = Path(a.resume)
+        if not (out / "study.yaml").is_file():
+            raise SpecError(f"--resume: {str(out)!r} holds no study.yaml (not a study output directory)")
+        spec = parse_spec(yaml.safe_load((out / "study.yaml").read_text()), str(out / "study.yaml"))
+        state = json.loads((out / "state.json").read_text()) if (out / "state.json").exists() else {}
+        if a.mlflow_uri and state.get("tracking_uri") and a.mlflow_uri != state["tracking_uri"]:
+            raise SpecError(f"--mlflow-uri: the study in {out} records to {state['tracking_uri']}, not {a.mlflow_uri}")
+        if state.get("search") and state["search"] != a.search:
+            raise SpecError(f"--search: the study in {out} ran a {state['search']} search")
+    else:
+        spec = load_spec(a.preset, a.config)
+        out = Path(a.out) if a.out else Path("runs") / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if (out / "results.csv").exists():
+            raise SpecError(f"--out: {str(out)!r} already holds a study; use --resume {out} or another --out")
+        state = {}
+    state.setdefault("tracking_uri", a.mlflow_uri or DEFAULT_MLFLOW_URI)
+    state["search"] = a.search
+    return spec, out, state
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Study specs: YAML in, validated `StudySpec` and its trial grid out.
+
+    name: quick
+    victims:                       # VictimSpec fields (backdoor.victims)
+      - {dataset: digits, model: small_cnn, attack: badnets, attack_params: {trigger_size: 3}}
+    defenses:
+      - name: ft
+        config: {epochs: 10}       # fixed overrides of the defence's config
+        sweep:                     # axes (search_spaces.axes): generic (lr, lam, generator_size) or fields
+          lr: {log: [0.002, 0.1, 3]}
+    clean: {fractions: [0.014], shots: [10], subset_seeds: [0, 1]}
+    resources: {cpu: 1, gpu: 0}    # per trial; fractional GPUs share a card
+    tracking: {experiment: quick}  # MLflow experiment (default: the study name)
+
+Everything is checked before anything runs; errors name the field (`defenses[1].sweep.lr: ...`).
+A trial is one (victim, defence, swept values, clean budget, subset seed); its id is a hash
+of exactly those, so a resumed study recognises the trials it has already finished.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from backdoor.defenses import DEFENSES, build_defense
+from backdoor.victims import VictimSpec
+from search_spaces import Axis, config_field, parse_axis
+
+PRESETS = Path(__file__).parent / "presets"
+TOP_KEYS = {"name", "description", "victims", "defenses", "clean", "resources", "tracking", "max_concurrent"}
+
+
+class SpecError(ValueError):
+    """A study spec that cannot run; the message starts with the offending field."""
+
+
+@dataclass
+class DefenseSpec:
+    name: str
+    config: dict[str, Any]
+    sweep: dict[str, Axis]
+    fields: dict[str, str]         # axis name -> config field it sets
+    victims: list[int] | None = None  # indices into the study's victims (None: all)
+
+    @property
+    def needs_clean_data(self) -> bool:
+        return DEFENSES[self.name].needs_clean_data
+
+
+@dataclass
+class StudySpec:
+    name: str
+    victims: list[VictimSpec]
+    defenses: list[DefenseSpec]
+    fractions: list[float] = field(default_factory=list)
+    shots: list[int] = field(default_factory=list)
+    subset_seeds: list[int] = field(default_factory=lambda: [0])
+    cpu: float = 1.0
+    gpu: float = 0.0
+    experiment: str = ""
+    max_concurrent: int | None = None
+    description: str = ""
+    raw: dict = field(default_factory=dict)   # the spec as read (written back as study.yaml)
+
+    def budgets(self, defense: DefenseSpec) -> list[tuple[float | None, int | None]]:
+        """(clean_fraction, shots) pairs a defence runs at; data-free defences get one, (None, None)."""
+        if not defense.needs_clean_data:
+            return [(None, None)]
+        return [(f, None) for f in self.fractions] + [(None, s) for s in self.shots]
+
+
+def _normal(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _trial_id(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def expand_trials(spec: StudySpec) -> list[dict]:
+    """The full grid, in a stable order: victim x defence x swept values x budget x subset seed."""
+    trials = []
+    seen: set[str] = set()
+    for vi, victim in enumerate(spec.victims):
+        for d in spec.defenses:
+            if d.victims is not None and vi not in d.victims:
+                continue
+            names = list(d.sweep)
+            for values in itertools.product(*(d.sweep[n].grid() for n in names)):
+                axes = dict(zip(names, values))
+                config = {**d.config, **{d.fields[n]: v for n, v in axes.items()}}
+                defaults = dataclasses.asdict(DEFENSES[d.name].Config())
+                # a value equal to the default is the same trial as leaving it out (dedupes sweeps)
+                config = {k: v for k, v in config.items() if _normal(v) != _normal(defaults[k])}
+                for fraction, shots in spec.budgets(d):
+                    for seed in spec.subset_seeds:
+                        key = {"victim": victim.to_dict(), "defense": d.name, "config": config,
+                               "clean_fraction": fraction, "shots": shots, "subset_seed": seed}
+                        trial_id = _trial_id(key)
+                        if trial_id in seen:  # the same trial reached from two sweeps (e.g. a default value)
+                            continue
+                        seen.add(trial_id)
+                        trials.append({"trial_id": trial_id, "victim_index": vi, "defense": d.name,
+                                       "config": config, "axes": axes, "clean_fraction": fraction, "shots": shots,
+                                       "subset_seed": seed})
+    return trials
+
+
+def _list(raw: Any, where: str, check, what: str) -> list:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise SpecError(f"{where}: must be a list, got {raw!r}")
+    for i, v in enumerate(raw):
+        if not check(v):
+            raise SpecError(f"{where}[{i}]: must be {what}, got {v!r}")
+    return raw
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def parse_spec(raw: Any, source: str = "spec") -> StudySpec:
+    """Validate a spec mapping; raise `SpecError` naming the first bad field."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a study spec is a mapping with keys {sorted(TOP_KEYS)}, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - TOP_KEYS)
+    if unknown:
+        raise SpecError(f"{unknown[0]}: unknown key in {source}; known: {sorted(TOP_KEYS)}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise SpecError(f"name: a study needs a non-empty name, got {name!r}")
+
+    victims = []
+    raw_victims = raw.get("victims") or [{}]
+    if not isinstance(raw_victims, list):
+        raise SpecError(f"victims: must be a list of victim specs, got {raw_victims!r}")
+    for i, v in enumerate(raw_victims):
+        if not isinstance(v, dict):
+            raise SpecError(f"victims[{i}]: must be a mapping of VictimSpec fields, got {v!r}")
+        try:
+            spec = VictimSpec.from_dict({**VictimSpec().to_dict(), **v})
+            spec.validate()
+        except (ValueError, TypeError) as err:
+            raise SpecError(f"victims[{i}].{err}") from err
+        victims.append(spec)
+
+    raw_defenses = raw.get("defenses")
+    if not isinstance(raw_defenses, list) or not raw_defenses:
+        raise SpecError(f"defenses: must be a non-empty list, got {raw_defenses!r}")
+    defenses = [_parse_defense(d, f"defenses[{i}]", len(victims)) for i, d in enumerate(raw_defenses)]
+
+    clean = raw.get("clean") or {}
+    if not isinstance(clean, dict) or set(clean) - {"fractions", "shots", "subset_seeds"}:
+        bad = sorted(set(clean) - {"fractions", "shots", "subset_seeds"}) if isinstance(clean, dict) else clean
+        raise SpecError(f"clean: keys are fractions, shots, subset_seeds; got {bad!r}")
+    fractions = _list(clean.get("fractions"), "clean.fractions",
+                      lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
+                      "a share of the training set in (0, 1]")
+    shots = _list(clean.get("shots"), "clean.shots", lambda v: _int(v) and v >= 1, "a positive integer")
+    seeds = _list(clean.get("subset_seeds", [0]), "clean.subset_seeds", lambda v: _int(v) and v >= 0,
+                  "an integer >= 0") or [0]
+    if any(d.needs_clean_data for d in defenses) and not (fractions or shots):
+        raise SpecError("clean: defences that need clean data are listed but no clean.fractions or clean.shots")
+
+    resources = raw.get("resources") or {}
+    if not isinstance(resources, dict) or set(resources) - {"cpu", "gpu"}:
+        raise SpecError(f"resources: keys are cpu and gpu, got {resources!r}")
+    cpu, gpu = resources.get("cpu", 1), resources.get("gpu", 0)
+    if not (isinstance(cpu, (int, float)) and not isinstance(cpu, bool) and cpu > 0):
+        raise SpecError(f"resources.cpu: must be > 0 (CPUs per trial), got {cpu!r}")
+    if not (isinstance(gpu, (int, float)) and not isinstance(gpu, bool) and 0 <= gpu and (gpu <= 1 or gpu == int(gpu))):
+        raise SpecError(f"resources.gpu: must be a share of one GPU in [0, 1] or a whole number, got {gpu!r}")
+    tracking = raw.get("tracking") or {}
+    if not isinstance(tracking, dict) or set(tracking) - {"experiment"}:
+        raise SpecError(f"tracking: the only key is experiment, got {tracking!r}")
+    max_concurrent = raw.get("max_concurrent")
+    if max_concurrent is not None and not (_int(max_concurrent) and max_concurrent >= 1):
+        raise SpecError(f"max_concurrent: must be a positive integer, got {max_concurrent!r}")
+    return StudySpec(name=name, victims=victims, defenses=defenses, fractions=fractions, shots=shots,
+                     subset_seeds=seeds, cpu=float(cpu), gpu=float(gpu),
+                     experiment=tracking.get("experiment") or name, max_concurrent=max_concurrent,
+                     description=str(raw.get("description", "")), raw=raw)
+
+
+def _parse_defense(d: Any, where: str, n_victims: int) -> DefenseSpec:
+    if not isinstance(d, dict):
+        raise SpecError(f"{where}: must be a mapping with name, config, sweep, victims; got {d!r}")
+    unknown = sorted(set(d) - {"name", "config", "sweep", "victims"})
+    if unknown:
+        raise SpecError(f"{where}.{unknown[0]}: unknown key; a defence has name, config, sweep, victims")
+    victims = d.get("victims")
+    if victims is not None:
+        _list(victims, f"{where}.victims", lambda v: _int(v) and 0 <= v < n_victims,
+              f"an index into victims (0..{n_victims - 1})")
+    name = d.get("name")
+    if name not in DEFENSES:
+        raise SpecError(f"{where}.name: unknown defence {name!r}; known: {sorted(DEFENSES)}")
+    config = d.get("config") or {}
+    sweep_raw = d.get("sweep") or {}
+    if not isinstance(config, dict):
+        raise SpecError(f"{where}.config: must be a mapping of config fields, got {config!r}")
+    if not isinstance(sweep_raw, dict):
+        raise SpecError(f"{where}.sweep: must be a mapping of axis -> values, got {sweep_raw!r}")
+    fields = {f.name for f in dataclasses.fields(DEFENSES[name].Config)}
+    for k in config:
+        if k not in fields:
+            raise SpecError(f"{where}.config.{k}: not a config field of {name}; fields: {sorted(fields)}")
+    sweep, mapping = {}, {}
+    for axis_name, axis_raw in sweep_raw.items():
+        at = f"{where}.sweep.{axis_name}"
+        try:
+            mapping[axis_name] = config_field(name, axis_name, fields, at)
+            sweep[axis_name] = parse_axis(axis_name, axis_raw, at)
+        except ValueError as err:
+            raise SpecError(str(err)) from err
+        if mapping[axis_name] in config:
+            raise SpecError(f"{at}: sets {mapping[axis_name]!r}, which {where}.config also fixes")
+    spec = DefenseSpec(name, config, sweep, mapping, victims)
+    # every grid point (and every range end, for Optuna) must be a valid config
+    points = [dict(zip(sweep, vals)) for vals in itertools.product(*(a.grid() for a in sweep.values()))]
+    ends = [{n: a.low if hi == 0 else a.high for n, a in sweep.items() if a.kind != "values"} for hi in (0, 1)]
+    for axes in points + [e for e in ends if e]:
+        try:
+            build_defense(name, {**config, **{mapping[n]: v for n, v in axes.items()}})
+        except (ValueError, TypeError) as err:
+            swept = [n for n in axes if str(err).startswith(mapping[n] + ":")]
+            at = f"{where}.sweep.{swept[0]}" if swept else f"{where}.config"
+            raise SpecError(f"{at}: {err} (at {axes or 'the fixed config'})") from err
+    return spec
+
+
+def load_spec(preset: str | None = None, config: str | Path | None = None) -> StudySpec:
+    """Read a preset by name (`study/presets/NAME.yaml`) or a YAML file, and validate it."""
+    if preset is not None and config is not None:
+        raise SpecError("--preset / --config: give one of them, not both")
+    if config is not None:
+        path = Path(config)
+        if not path.is_file():
+            raise SpecError(f"--config: {str(path)!r} does not exist")
+    else:
+        path = PRESETS / f"{preset or 'quick'}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+            raise SpecError(f"--preset: unknown preset {preset!r}; known: {known}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML ({err})") from err
+    return parse_spec(raw, str(path))
+
+
+def count_summary(spec: StudySpec, trials: list[dict]) -> str:
+    """One line per defence: how many trials and from which axes (for --dry-run and the log)."""
+    lines = []
+    for d in spec.defenses:
+        axes = " x ".join(f"{k} {len(a.grid())}" for k, a in d.sweep.items()) or "no sweep"
+        budgets = len(spec.budgets(d))
+        n_victims = len(spec.victims) if d.victims is None else len(d.victims)
+        lines.append(f"  {d.name:5s} {n_victims} victim(s) x {axes} x {budgets} budget(s) "
+                     f"x {len(spec.subset_seeds)} subset seed(s)")
+    by_defense = {n: sum(t['defense'] == n for t in trials) for n in dict.fromkeys(d.name for d in spec.defenses)}
+    lines.append("  trials per defence: " + ", ".join(f"{k} {v}" for k, v in by_defense.items())
+                 + f"; total {len(trials)} (duplicates across sweeps counted once)")
+    return "\n".join(lines)
+
+
+__all__ = ["DefenseSpec", "PRESETS", "SpecError", "StudySpec", "count_summary", "expand_trials", "load_spec",
+           "parse_spec"]

@@ -1,0 +1,168 @@
+"""Recording a study: `results.csv` rows and MLflow runs, written by the driver only.
+
+`StudyRecorder` is a Ray Tune callback. Trials never talk to MLflow themselves: their
+reports reach the driver, which is the single writer of the tracking store (no "database is
+locked" from a sqlite store however many trials finish at once). Per-epoch metrics are
+buffered and written in one batch when the trial ends. A row is appended to `results.csv`
+(and flushed to disk) as each trial ends, so a killed driver loses nothing finished.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from search_spaces import GENERIC_AXES
+
+from .spec import StudySpec
+
+BASE_COLUMNS = ["trial_id", "defense", "victim_id", "attack", "trigger_size", "lr", "lam", "clean_fraction",
+                "generator_size", "subset_seed", "acc", "asr", "acc_drop", "status", "mlflow_run_id"]
+EXTRA_COLUMNS = ["asr_eq9", "ra", "asr_x4", "asr_x9", "acc_before", "asr_before", "shots", "clean_images",
+                 "seconds", "trial_seconds", "error"]
+FINAL_METRICS = ("acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9", "acc_before", "asr_before", "acc_drop",
+                 "seconds", "trial_seconds", "clean_images")
+
+
+def result_columns(spec: StudySpec) -> list[str]:
+    """The results.csv header: the DESIGN columns, the extras, then every other swept axis."""
+    axes = [a for d in spec.defenses for a in d.sweep if a not in GENERIC_AXES]
+    return BASE_COLUMNS + EXTRA_COLUMNS + [a for a in dict.fromkeys(axes) if a not in BASE_COLUMNS + EXTRA_COLUMNS]
+
+
+def read_results(path: Path) -> list[dict]:
+    """Rows of an existing results.csv (a torn last line from a killed driver is dropped)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [r for r in rows if r.get("status") in ("finished", "failed") and r.get("mlflow_run_id") is not None]
+
+
+class ResultsFile:
+    """results.csv, appended one flushed row at a time."""
+
+    def __init__(self, path: Path, columns: list[str]):
+        self.path, self.columns = path, columns
+        if not path.exists() or path.stat().st_size == 0:
+            with open(path, "w", newline="") as f:
+                csv.DictWriter(f, columns).writeheader()
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(row)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _flat(prefix: str, d: dict) -> dict[str, str]:
+    return {f"{prefix}{k}": json.dumps(v) if isinstance(v, (list, dict, tuple)) else str(v) for k, v in d.items()}
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class StudyRecorder(tune.Callback):
+    """Turns Tune trial events into MLflow child runs, results.csv rows and progress lines."""
+
+    def __init__(self, *, spec: StudySpec, results: ResultsFile, client: MlflowClient, experiment_id: str,
+                 parent_run_id: str, victims: dict[int, dict], resolve, total: int, done: int = 0, log=print):
+        self.spec, self.results, self.client = spec, results, client
+        self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
+        self.victims, self.resolve, self.total, self.done, self.log = victims, resolve, total, done, log
+        self.open: dict[str, dict] = {}       # tune trial id -> {run_id, trial, epochs, final, t0}
+        self.failed = 0
+        self.t_start = time.perf_counter()
+
+    # --- Tune callback hooks -------------------------------------------------------------------
+    def on_trial_start(self, iteration, trials, trial, **info):
+        t = self.resolve(trial.config)
+        v = self.victims[t["victim_index"]]
+        spec_victim = v["spec"]
+        tags = {"mlflow.parentRunId": self.parent_run_id, "mlflow.runName": f"{t['defense']}-{t['trial_id']}",
+                "defense": t["defense"], "attack": spec_victim["attack"], "victim_id": v["victim_id"],
+                "trial_id": t["trial_id"], "study": self.spec.name}
+        run = self.client.create_run(self.experiment_id, tags=tags)
+        from backdoor.defenses import build_defense  # the resolved config: every field, defaults included
+
+        full = build_defense(t["defense"], t["config"]).config.__dict__
+        params = {**_flat("", full), **_flat("victim.", spec_victim), "defense": t["defense"],
+                  "clean_fraction": str(t["clean_fraction"]), "shots": str(t["shots"]),
+                  "subset_seed": str(t["subset_seed"]), **_flat("axis.", t["axes"])}
+        self.client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+        self.open[trial.trial_id] = {"run_id": run.info.run_id, "trial": t, "epochs": [], "final": None,
+                                     "config": full}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        rec = self.open.get(trial.trial_id)
+        if rec is None:
+            return
+        if result.get("done") is True and "status" in result:
+            rec["final"] = result
+        elif "epoch" in result:
+            rec["epochs"].append(result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finish(trial, None)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        error = "trial crashed"
+        if getattr(trial, "error_file", None) and Path(trial.error_file).exists():
+            lines = Path(trial.error_file).read_text().strip().splitlines()
+            error = lines[-1] if lines else error
+        self._finish(trial, error)
+
+    # --- recording -----------------------------------------------------------------------------
+    def _finish(self, trial, crash: str | None) -> None:
+        rec = self.open.pop(trial.trial_id, None)
+        if rec is None:
+            return
+        t, final = rec["trial"], rec["final"] or {}
+        status = "failed" if crash or final.get("status") != "finished" else "finished"
+        error = crash or final.get("error", "" if status == "finished" else "trial ended without a final report")
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(r[k]), now, int(r["epoch"])) for r in rec["epochs"]
+                   for k in ("acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9") if _finite(r.get(k))]
+        if status == "finished":
+            final = {**final, "acc_drop": final["acc_before"] - final["acc"]}
+            metrics += [Metric(f"final_{k}", float(final[k]), now, 0) for k in FINAL_METRICS if _finite(final.get(k))]
+        tags = [RunTag("status_detail", status)] + ([RunTag("error", error[:5000])] if error else [])
+        run_id = rec["run_id"]
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        self.client.set_terminated(run_id, status="FINISHED" if status == "finished" else "FAILED")
+        self.results.append(self._row(t, final, status, error, run_id, rec["config"]))
+        self.done += 1
+        self.failed += status == "failed"
+        what = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["axes"].items())
+        budget = (f"clean {t['clean_fraction']}" if t["clean_fraction"] is not None
+                  else f"{t['shots']} shots" if t["shots"] is not None else "no data")
+        outcome = (f"ACC {final['acc']:.2f}  ASR {final['asr']:.2f}" if status == "finished"
+                   else f"FAILED: {error[:160]}")
+        self.log(f"[{self.done:3d}/{self.total}] {t['defense']:4s} {what} {budget} seed {t['subset_seed']}: {outcome}"
+                 f"  ({final.get('trial_seconds', float('nan')):.1f} s; {time.perf_counter() - self.t_start:.0f} s in)")
+
+    def _row(self, t: dict, final: dict, status: str, error: str, run_id: str, config: dict) -> dict:
+        v = self.victims[t["victim_index"]]
+        row = {"trial_id": t["trial_id"], "defense": t["defense"], "victim_id": v["victim_id"],
+               "attack": v["spec"]["attack"], "trigger_size": v["spec"]["attack_params"].get("trigger_size", ""),
+               "clean_fraction": t["clean_fraction"] if t["clean_fraction"] is not None else "",
+               "shots": t["shots"] if t["shots"] is not None else "", "subset_seed": t["subset_seed"],
+               "status": status, "mlflow_run_id": run_id, "error": error}
+        for axis, per_defense in GENERIC_AXES.items():  # effective values, swept or not
+            field = per_defense.get(t["defense"])
+            row[axis] = config.get(field, "") if field else ""
+        row.update({k: v for k, v in t["axes"].items() if k not in GENERIC_AXES})
+        if status == "finished":
+            row.update({k: final.get(k, "") for k in ("acc", "asr", "acc_drop", "asr_eq9", "ra", "asr_x4", "asr_x9",
+                                                       "acc_before", "asr_before", "clean_images", "seconds",
+                                                       "trial_seconds")})
+        return row

@@ -1,0 +1,181 @@
+"""The study: spec validation, the grid, and real (reduced) studies on local Ray with MLflow:
+failures recorded, child runs = trials, kill-and-resume without duplicates."""
+import csv
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from search_spaces import parse_axis
+from study.sensitivity import main
+from study.spec import SpecError, expand_trials, load_spec, parse_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+VICTIM = {"dataset": "digits", "model": "small_cnn", "epochs": 3}
+TINY_FT = {"epochs": 2, "samples_per_epoch": 64, "milestones": [1]}
+
+
+def _spec(**over):
+    spec = {"name": "tiny", "victims": [VICTIM],
+            "defenses": [{"name": "ft", "config": TINY_FT, "sweep": {"lr": [0.01, 0.05]}}],
+            "clean": {"fractions": [0.02], "subset_seeds": [0]}, "resources": {"cpu": 1}}
+    spec.update(over)
+    return spec
+
+
+def _write(tmp_path, spec) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _run(tmp_path, *args, timeout=240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "study.sensitivity", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _rows(out: Path) -> list[dict]:
+    with open(out / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _child_runs(db: Path) -> list[tuple]:
+    con = sqlite3.connect(db)
+    try:
+        return con.execute(
+            "select r.run_uuid, r.status, t.value from runs r join tags t on t.run_uuid = r.run_uuid "
+            "where t.key = 'trial_id' and r.lifecycle_stage = 'active'").fetchall()
+    finally:
+        con.close()
+
+
+# --- axes and grid ----------------------------------------------------------------------------
+
+def test_axes_expand_linear_log_values_and_integers():
+    assert parse_axis("lr", {"linear": [0.002, 0.02, 5]}, "x").grid() == pytest.approx([0.002, 0.0065, 0.011, 0.0155, 0.02])
+    assert parse_axis("lr", {"log": [0.001, 0.1, 3]}, "x").grid() == pytest.approx([0.001, 0.01, 0.1])
+    assert parse_axis("g", {"linear": [3, 9, 4], "int": True}, "x").grid() == [3, 5, 7, 9]
+    assert parse_axis("s", [1, 2], "x").grid() == [1, 2]
+
+
+def test_grid_size_is_the_product_and_duplicates_count_once():
+    spec = parse_spec(_spec(defenses=[
+        {"name": "ft", "config": TINY_FT, "sweep": {"lr": {"linear": [0.002, 0.02, 5]}}},
+        {"name": "nft", "sweep": {"lr": [0.05, 0.1], "lam": [0.001, 0.01]}},   # eta 0.001 = default
+        {"name": "nft", "sweep": {"lam": [0.001]}},                          # the same trial as lr 0.05 above
+        {"name": "dhbe", "config": {"epochs": 1, "iters_per_epoch": 1}, "sweep": {"generator_size": [3, 5]}}],
+        clean={"fractions": [0.02, 0.07], "shots": [5], "subset_seeds": [0, 1]}))
+    trials = expand_trials(spec)
+    by = lambda name: [t for t in trials if t["defense"] == name]  # noqa: E731
+    assert len(by("ft")) == 5 * 3 * 2
+    assert len(by("nft")) == 4 * 3 * 2           # the third entry adds nothing new
+    assert len(by("dhbe")) == 2 * 1 * 2          # data-free: one budget
+    assert len({t["trial_id"] for t in trials}) == len(trials)
+    assert all(t["config"].get("eta") != 0.001 for t in by("nft"))  # defaults are not spelled out
+
+
+def test_dry_run_prints_the_grid_and_its_size(tmp_path, capsys):
+    path = _write(tmp_path, _spec(clean={"fractions": [0.02, 0.07], "subset_seeds": [0, 1, 2]}))
+    assert main(["--config", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "12 trials" in out and out.count(" ft ") >= 12 and "total 12" in out
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"defenses": [{"name": "nope"}]}, "defenses[0].name: unknown defence 'nope'"),
+    ({"defenses": [{"name": "ft", "sweep": {"momentumm": [0.9]}}]}, "defenses[0].sweep.momentumm"),
+    ({"defenses": [{"name": "ft", "sweep": {"lam": [0.1]}}]}, "defenses[0].sweep.lam: ft has no 'lam' knob"),
+    ({"defenses": [{"name": "ft", "sweep": {"lr": [0.01, -1]}}]}, "defenses[0].sweep.lr: lr: must be > 0"),
+    ({"defenses": [{"name": "fp", "sweep": {"prune_ratio": {"linear": [0.5, 1.5, 3]}}}]},
+     "defenses[0].sweep.prune_ratio: prune_ratio: must be in [0, 1)"),
+    ({"defenses": [{"name": "ft", "sweep": {"lr": {"log": [0, 1, 3]}}}]}, "defenses[0].sweep.lr.log: a log range"),
+    ({"defenses": [{"name": "ft", "config": {"lrr": 1}}]}, "defenses[0].config.lrr: not a config field"),
+    ({"victims": [{"dataset": "mnist"}]}, "victims[0].dataset: unknown dataset 'mnist'"),
+    ({"victims": [{"poison_rate": 2}]}, "victims[0].poison_rate"),
+    ({"clean": {"fractions": [0]}}, "clean.fractions[0]: must be a share"),
+    ({"clean": {"fractions": [0.1], "seeds": [1]}}, "clean: keys are"),
+    ({"resources": {"cpu": 0}}, "resources.cpu: must be > 0"),
+    ({"resources": {"gpu": 1.5}}, "resources.gpu"),
+    ({"colour": "red"}, "colour: unknown key"),
+])
+def test_bad_specs_are_refused_with_exit_code_2_naming_the_field(tmp_path, capsys, change, field):
+    path = _write(tmp_path, _spec(**change))
+    with pytest.raises(SpecError, match=None) as err:
+        load_spec(config=path)
+    assert field in str(err.value)
+    assert main(["--config", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert field in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing started
+
+
+def test_presets_are_valid_and_quick_has_what_the_quickstart_promises():
+    quick = load_spec("quick")
+    names = {d.name for d in quick.defenses}
+    assert {"nft", "dhbe", "ft", "fp", "nad"} <= names
+    assert all("lr" in d.sweep for d in quick.defenses)
+    assert len(quick.fractions) + len(quick.shots) >= 2 and len(quick.subset_seeds) >= 2
+    paper = load_spec("paper-cifar10")
+    assert paper.victims[0].dataset == "cifar10" and paper.fractions == [0.01, 0.04]
+    assert len(expand_trials(paper)) > 300
+
+
+# --- real studies on local Ray -----------------------------------------------------------------
+
+def test_reduced_study_records_every_trial_and_a_failing_one_does_not_stop_it(tmp_path):
+    spec = _spec(defenses=[{"name": "ft", "config": TINY_FT, "sweep": {"lr": [0.01, 0.05]}},
+                           {"name": "nc", "config": {**TINY_FT, "reverse_epochs": 1, "reverse_steps_per_epoch": 1},
+                            "sweep": {"target": [0, 99]}}])   # class 99 does not exist: that trial fails
+    path = _write(tmp_path, spec)
+    out, db = tmp_path / "out", tmp_path / "mlflow.db"
+    proc = _run(tmp_path, "--config", str(path), "--out", str(out), "--mlflow-uri", f"sqlite:///{db}")
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # some failed
+    rows = _rows(out)
+    assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(failed) == 1 and "target" in failed[0]["error"] and failed[0]["defense"] == "nc"
+    ok = [r for r in rows if r["status"] == "finished"]
+    assert all(0 <= float(r["acc"]) <= 100 and r["victim_id"].startswith("digits-small_cnn") for r in ok)
+    assert {r["lr"] for r in rows if r["defense"] == "ft"} == {"0.01", "0.05"}
+    children = _child_runs(db)
+    assert len(children) == 4 and {c[2] for c in children} == {r["trial_id"] for r in rows}
+    assert sorted(c[1] for c in children) == ["FAILED", "FINISHED", "FINISHED", "FINISHED"]
+    con = sqlite3.connect(db)
+    steps = con.execute("select count(distinct step) from metrics where key = 'acc'").fetchone()[0]
+    params = con.execute("select count(*) from params where key = 'momentum'").fetchone()[0]
+    con.close()
+    assert steps == 2 and params == 4  # per-epoch metrics with steps; every hyperparameter as a param
+    assert (out / "study.yaml").exists() and "[  4/4]" in proc.stdout
+
+
+def test_killed_study_resumes_without_duplicate_rows_or_runs(tmp_path):
+    spec = _spec(defenses=[{"name": "ft", "config": {**TINY_FT, "epochs": 3, "samples_per_epoch": 512},
+                            "sweep": {"lr": [0.005, 0.01, 0.02, 0.04, 0.08, 0.16]}}])
+    path = _write(tmp_path, spec)
+    out, db = tmp_path / "out", tmp_path / "mlflow.db"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen([sys.executable, "-m", "study.sensitivity", "--config", str(path), "--out", str(out),
+                               "--mlflow-uri", f"sqlite:///{db}"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and (not (out / "results.csv").exists() or len(_rows(out)) < 2):
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything it started, mid-study
+    driver.wait()
+    before = _rows(out)
+    assert 2 <= len(before) < 6, "the study should have been stopped part-way"
+    proc = _run(tmp_path, "--resume", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = _rows(out)
+    assert len(rows) == 6 and len({r["trial_id"] for r in rows}) == 6
+    assert rows[: len(before)] == before  # nothing recorded was rewritten
+    children = _child_runs(db)
+    assert len(children) == 6 and {c[2] for c in children} == {r["trial_id"] for r in rows}
+    assert all(c[1] == "FINISHED" for c in children)

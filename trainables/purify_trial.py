@@ -1,0 +1,62 @@
+"""The purify trainable: victim (from the object store) -> clean subset -> defence -> tune.report."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+
+import torch
+from ray import tune
+
+from backdoor.purify import run_defense
+from backdoor.victims import unpack_victim
+
+METRICS = ("acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9")
+
+
+def resolve_trial(config: dict, base: dict | None = None) -> dict:
+    """The trial a Tune config stands for: `config["trial"]` on a grid; with a searcher
+    (Optuna), `base` plus the sampled `axis:<name>` values mapped to config fields."""
+    if base is None:
+        return config["trial"]
+    trial = {**base, "axes": dict(base.get("axes", {})), "config": dict(base["config"])}
+    if trial.get("clean_fraction") is None and trial.get("shots") is None and "axis:clean_fraction" not in config \
+            and "axis:shots" not in config:
+        trial["clean_fraction"] = None
+    for key, value in config.items():
+        if key.startswith("axis:"):
+            name = key[5:]
+            if name in ("clean_fraction", "shots", "subset_seed"):
+                trial[name] = value
+            else:
+                trial["axes"][name] = value
+                trial["config"][base["fields"][name]] = value
+    if trial.get("trial_id") is None:  # a sampled point: its id is a hash of what it is (salted by victim/entry)
+        key = json.dumps({k: trial[k] for k in ("defense", "config", "clean_fraction", "shots", "subset_seed")},
+                         sort_keys=True, default=str)
+        trial["trial_id"] = base["id_salt"] + hashlib.sha256(key.encode()).hexdigest()[:8]
+    return trial
+
+
+def purify_trial(config: dict, victims: dict, base: dict | None = None, cpus_per_trial: float = 1.0) -> None:
+    """One trial. Reports every epoch (`epoch`, ACC, ASR, ...) and a final row with
+    `done=True`; a trial that raises reports `status="failed"` and the error text instead
+    (so the study records it and goes on)."""
+    torch.set_num_threads(max(1, int(cpus_per_trial)))
+    trial = resolve_trial(config, base)
+    t0 = time.perf_counter()
+    try:
+        victim = unpack_victim(victims[trial["victim_index"]], device="auto")
+        out = run_defense(victim, trial["defense"], trial["config"], clean_fraction=trial["clean_fraction"],
+                          shots=trial["shots"], subset_seed=trial["subset_seed"], seed=trial["subset_seed"],
+                          log=lambda m: None,
+                          on_metrics=lambda epoch, m: tune.report({"epoch": epoch, **{k: m.get(k) for k in METRICS}}))
+    except Exception as err:  # noqa: BLE001 - any failure is a result to record, not a crash of the study
+        tune.report({"done": True, "status": "failed", "error": f"{type(err).__name__}: {err}"[:2000],
+                     "acc": math.nan, "asr": math.nan, "trial_seconds": time.perf_counter() - t0})
+        return
+    final = {k: out["after"].get(k) for k in METRICS}
+    tune.report({"done": True, "status": "finished", **final, "acc_before": out["before"]["acc"],
+                 "asr_before": out["before"]["asr"], "clean_images": out["clean_images"], "seconds": out["seconds"],
+                 "trial_seconds": time.perf_counter() - t0})
