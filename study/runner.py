@@ -166,11 +166,13 @@ def run_optuna(spec: StudySpec, out: Path, state: dict, client, parent: str, vic
             _tuner(spec, {**kwargs, "base": base}, space, recorder, out, study_name, search_alg=searcher,
                    num_samples=remaining).fit()
             failed += recorder.failed
-    write_pareto(out)
+    for r in write_pareto(out):
+        log(f"pareto {r['defense']:4s} ACC {float(r['acc']):6.2f}  ASR {float(r['asr']):6.2f}  lr {r['lr']}  "
+            f"lam {r['lam']}  clean {r['clean_fraction'] or r['shots']}  seed {r['subset_seed']}")
     return failed
 
 
-def write_pareto(out: Path) -> None:
+def write_pareto(out: Path) -> list[dict]:
     """pareto.csv: per defence, the finished trials no other finished trial beats on both ACC and ASR."""
     import csv
 
@@ -187,3 +189,4 @@ def write_pareto(out: Path) -> None:
             w = csv.DictWriter(f, list(rows[0]))
             w.writeheader()
             w.writerows(front)
+    return front

@@ -179,3 +179,23 @@ def test_killed_study_resumes_without_duplicate_rows_or_runs(tmp_path):
     children = _child_runs(db)
     assert len(children) == 6 and {c[2] for c in children} == {r["trial_id"] for r in rows}
     assert all(c[1] == "FINISHED" for c in children)
+
+
+def test_optuna_search_runs_the_space_and_keeps_history_and_pareto_front(tmp_path):
+    import optuna
+
+    spec = _spec(defenses=[{"name": "ft", "config": TINY_FT, "sweep": {"lr": {"log": [0.001, 0.1, 3]}}}],
+                 clean={"fractions": [0.02, 0.07], "subset_seeds": [0, 1]})
+    path = _write(tmp_path, spec)
+    out = tmp_path / "out"
+    proc = _run(tmp_path, "--config", str(path), "--out", str(out), "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}",
+                "--search", "optuna", "--num-samples", "3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = _rows(out)
+    assert len(rows) == 3 and all(0.001 <= float(r["lr"]) <= 0.1 for r in rows)
+    study = optuna.load_study(study_name="tiny-v0-d0-ft", storage=f"sqlite:///{out / 'optuna.db'}")
+    assert len(study.trials) == 3 and study.directions[1] == optuna.study.StudyDirection.MINIMIZE
+    with open(out / "pareto.csv", newline="") as f:
+        front = list(csv.DictReader(f))
+    assert front and {r["trial_id"] for r in front} <= {r["trial_id"] for r in rows}
+    assert "pareto ft" in proc.stdout
