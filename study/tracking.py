@@ -9,6 +9,7 @@ buffered and written in one batch when the trial ends. A row is appended to `res
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from backdoor.defenses import build_defense
 from search_spaces import GENERIC_AXES
 
 from .spec import StudySpec
@@ -92,9 +94,7 @@ class StudyRecorder(tune.Callback):
                 "defense": t["defense"], "attack": spec_victim["attack"], "victim_id": v["victim_id"],
                 "trial_id": t["trial_id"], "study": self.spec.name}
         run = self.client.create_run(self.experiment_id, tags=tags)
-        from backdoor.defenses import build_defense  # the resolved config: every field, defaults included
-
-        full = build_defense(t["defense"], t["config"]).config.__dict__
+        full = dataclasses.asdict(build_defense(t["defense"], t["config"]).config)  # every field, defaults included
         params = {**_flat("", full), **_flat("victim.", spec_victim), "defense": t["defense"],
                   "clean_fraction": str(t["clean_fraction"]), "shots": str(t["shots"]),
                   "subset_seed": str(t["subset_seed"]), **_flat("axis.", t["axes"])}

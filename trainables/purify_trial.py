@@ -21,9 +21,6 @@ def resolve_trial(config: dict, base: dict | None = None) -> dict:
     if base is None:
         return config["trial"]
     trial = {**base, "axes": dict(base.get("axes", {})), "config": dict(base["config"])}
-    if trial.get("clean_fraction") is None and trial.get("shots") is None and "axis:clean_fraction" not in config \
-            and "axis:shots" not in config:
-        trial["clean_fraction"] = None
     for key, value in config.items():
         if key.startswith("axis:"):
             name = key[5:]
