@@ -13,12 +13,13 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+import analysis
 from backdoor.data import clean_subset
 from trainables.purify_trial import purify_trial, resolve_trial
 from trainables.victim_stage import victim_task
 
 from .spec import SpecError, StudySpec
-from .tracking import ResultsFile, StudyRecorder, read_results, result_columns
+from .tracking import EPOCH_COLUMNS, ResultsFile, StudyRecorder, read_results, result_columns
 
 
 def start_tracking(spec: StudySpec, out: Path, state: dict, done_ids: set[str], log) -> tuple[MlflowClient, str]:
@@ -97,6 +98,7 @@ def _tuner(spec: StudySpec, trainable_kwargs: dict, param_space: dict, recorder,
 def run_study(spec: StudySpec, trials: list[dict], out: Path, state: dict, done_ids: set[str], *, args, log) -> int:
     """Run every pending trial; returns how many failed in this invocation."""
     results = ResultsFile(out / "results.csv", result_columns(spec))
+    epochs = ResultsFile(out / "epochs.csv", EPOCH_COLUMNS)
     client, parent = start_tracking(spec, out, state, done_ids, log)
     if not ray.is_initialized():
         ray.init(address=args.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -108,26 +110,39 @@ def run_study(spec: StudySpec, trials: list[dict], out: Path, state: dict, done_
         if args.search == "grid":
             pending = [t for t in trials if t["trial_id"] not in done_ids]
             log(f"running {len(pending)} of {len(trials)} trials ({spec.cpu:g} CPU, {spec.gpu:g} GPU each)")
-            recorder = StudyRecorder(spec=spec, results=results, client=client, experiment_id=state["experiment_id"],
+            recorder = StudyRecorder(spec=spec, results=results, epochs=epochs, client=client,
+                                     experiment_id=state["experiment_id"],
                                      parent_run_id=parent, victims=victims, resolve=lambda c: resolve_trial(c),
                                      total=len(trials), done=len(done_ids), log=log)
             if pending:
                 _tuner(spec, kwargs, {"trial": tune.grid_search(pending)}, recorder, out, "grid").fit()
             failed = recorder.failed
         else:
-            failed = run_optuna(spec, out, state, client, parent, victims, results, kwargs, args, log)
+            failed = run_optuna(spec, out, state, client, parent, victims, (results, epochs), kwargs, args, log)
         status = "FINISHED"
+        run_analysis(out, log)
     finally:
-        for name in ("results.csv", "study.yaml", "pareto.csv"):
+        for name in ("results.csv", "epochs.csv", "study.yaml", "pareto.csv", "fits.json", "report.md"):
             if (out / name).exists():
                 client.log_artifact(parent, str(out / name))
+        if (out / "plots").is_dir():
+            client.log_artifacts(parent, str(out / "plots"), "plots")
         client.set_tag(parent, "trials_recorded", str(len(read_results(out / "results.csv"))))
         client.set_terminated(parent, status=status)
     return failed
 
 
-def run_optuna(spec: StudySpec, out: Path, state: dict, client, parent: str, victims: dict, results: ResultsFile,
-               kwargs: dict, args, log) -> int:
+def run_analysis(out: Path, log) -> None:
+    """Fits, plots and report of the finished study (python -m analysis OUT does the same).
+    A failure here is reported, never allowed to fail a study whose trials are recorded."""
+    try:
+        analysis.analyze(out, log=log)
+    except Exception as err:  # noqa: BLE001
+        log(f"analysis failed ({type(err).__name__}: {err}); rerun it with: python -m analysis {out}")
+
+
+def run_optuna(spec: StudySpec, out: Path, state: dict, client, parent: str, victims: dict,
+               files: tuple[ResultsFile, ResultsFile], kwargs: dict, args, log) -> int:
     """Per victim and defence entry: Optuna (through Tune's OptunaSearch) maximising ACC and
     minimising ASR over the entry's axes, the clean budget and the subset seed; history in
     optuna.db; the Pareto front of every defence in pareto.csv."""
@@ -160,7 +175,7 @@ def run_optuna(spec: StudySpec, out: Path, state: dict, client, parent: str, vic
             log(f"optuna: {study_name}: {remaining} trial(s) over {sorted(space)}")
             searcher = OptunaSearch(metric=["acc", "asr"], mode=["max", "min"], study_name=study_name,
                                     storage=storage, seed=vi * 1000 + di)
-            recorder = StudyRecorder(spec=spec, results=results, client=client,
+            recorder = StudyRecorder(spec=spec, results=files[0], epochs=files[1], client=client,
                                      experiment_id=state["experiment_id"], parent_run_id=parent, victims=victims,
                                      resolve=lambda c, b=base: resolve_trial(c, b), total=remaining, log=log)
             _tuner(spec, {**kwargs, "base": base}, space, recorder, out, study_name, search_alg=searcher,

@@ -8,8 +8,9 @@ on Ray Tune -> results.csv + MLflow (one parent run, one child run per trial).
     python -m study.sensitivity --search optuna --num-samples 20      # multi-objective: max ACC, min ASR
 
 Exit code 0: every trial finished; 1: some failed (all results still written); 2: bad input.
-Output directory: results.csv, study.yaml, state.json (MLflow ids for --resume), ray/
-(Tune's files), and with Optuna optuna.db (the searches' history) and pareto.csv.
+Output directory: results.csv, epochs.csv (per-epoch ACC / ASR), fits.json, report.md and
+plots/ (the analysis; rebuild with `python -m analysis DIR`), study.yaml, state.json (MLflow
+ids for --resume), ray/ (Tune's files), and with Optuna optuna.db and pareto.csv.
 """
 from __future__ import annotations
 

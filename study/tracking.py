@@ -4,7 +4,8 @@
 reports reach the driver, which is the single writer of the tracking store (no "database is
 locked" from a sqlite store however many trials finish at once). Per-epoch metrics are
 buffered and written in one batch when the trial ends. A row is appended to `results.csv`
-(and flushed to disk) as each trial ends, so a killed driver loses nothing finished.
+(and flushed to disk) as each trial ends, so a killed driver loses nothing finished; its
+per-epoch ACC / ASR go to `epochs.csv` just before.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ BASE_COLUMNS = ["trial_id", "defense", "victim_id", "attack", "trigger_size", "l
                 "generator_size", "subset_seed", "acc", "asr", "acc_drop", "status", "mlflow_run_id"]
 EXTRA_COLUMNS = ["asr_eq9", "ra", "asr_x4", "asr_x9", "acc_before", "asr_before", "shots", "clean_images",
                  "seconds", "trial_seconds", "error"]
+EPOCH_COLUMNS = ["trial_id", "epoch", "acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9"]
 FINAL_METRICS = ("acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9", "acc_before", "asr_before", "acc_drop",
                  "seconds", "trial_seconds", "clean_images")
 
@@ -50,7 +52,7 @@ def read_results(path: Path) -> list[dict]:
 
 
 class ResultsFile:
-    """results.csv, appended one flushed row at a time."""
+    """A CSV table (results.csv, epochs.csv) appended and flushed to disk as trials end."""
 
     def __init__(self, path: Path, columns: list[str]):
         self.path, self.columns = path, columns
@@ -58,9 +60,9 @@ class ResultsFile:
             with open(path, "w", newline="") as f:
                 csv.DictWriter(f, columns).writeheader()
 
-    def append(self, row: dict) -> None:
+    def append(self, *rows: dict) -> None:
         with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(row)
+            csv.DictWriter(f, self.columns, extrasaction="ignore").writerows(rows)
             f.flush()
             os.fsync(f.fileno())
 
@@ -76,9 +78,10 @@ def _finite(v: Any) -> bool:
 class StudyRecorder(tune.Callback):
     """Turns Tune trial events into MLflow child runs, results.csv rows and progress lines."""
 
-    def __init__(self, *, spec: StudySpec, results: ResultsFile, client: MlflowClient, experiment_id: str,
-                 parent_run_id: str, victims: dict[int, dict], resolve, total: int, done: int = 0, log=print):
-        self.spec, self.results, self.client = spec, results, client
+    def __init__(self, *, spec: StudySpec, results: ResultsFile, epochs: ResultsFile, client: MlflowClient,
+                 experiment_id: str, parent_run_id: str, victims: dict[int, dict], resolve, total: int, done: int = 0,
+                 log=print):
+        self.spec, self.results, self.epochs, self.client = spec, results, epochs, client
         self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
         self.victims, self.resolve, self.total, self.done, self.log = victims, resolve, total, done, log
         self.open: dict[str, dict] = {}       # tune trial id -> {run_id, trial, epochs, final, t0}
@@ -139,6 +142,8 @@ class StudyRecorder(tune.Callback):
         run_id = rec["run_id"]
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.set_terminated(run_id, status="FINISHED" if status == "finished" else "FAILED")
+        if rec["epochs"]:  # before the results row: a trial in results.csv always has its epochs
+            self.epochs.append(*({**r, "trial_id": t["trial_id"]} for r in rec["epochs"]))
         self.results.append(self._row(t, final, status, error, run_id, rec["config"]))
         self.done += 1
         self.failed += status == "failed"

@@ -153,6 +153,21 @@ def test_reduced_study_records_every_trial_and_a_failing_one_does_not_stop_it(tm
     con.close()
     assert steps == 2 and params == 4  # per-epoch metrics with steps; every hyperparameter as a param
     assert (out / "study.yaml").exists() and "[  4/4]" in proc.stdout
+    # per-epoch rows of the finished trials, then the analysis, logged to the parent run
+    with open(out / "epochs.csv", newline="") as f:
+        epochs = list(csv.DictReader(f))
+    assert sorted({e["trial_id"] for e in epochs}) == sorted(r["trial_id"] for r in ok)
+    assert len(epochs) == 2 * len(ok) and {e["epoch"] for e in epochs} == {"1", "2"}
+    assert {"fits.json", "report.md"} <= {p.name for p in out.iterdir()}
+    assert (out / "plots" / "tradeoff.png").exists() and (out / "plots" / "trajectories.png").exists()
+    assert "analysis: wrote fits.json, report.md" in proc.stdout
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{db}")
+    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                                               "tags.kind = 'study'")]
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.csv", "epochs.csv", "fits.json", "report.md", "plots"} <= logged
+    assert "plots/tradeoff.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
 
 
 def test_killed_study_resumes_without_duplicate_rows_or_runs(tmp_path):

@@ -1,0 +1,51 @@
+"""python -m analysis DIR: rebuild fits.json, report.md and plots/ from DIR/results.csv.
+
+    python -m analysis runs/quick-20261125-103955
+    python -m analysis runs/mine --safe-asr 2 --safe-drop 1 --selection max_acc --bootstrap 500
+
+Exit code 0: written; 2: bad input (the message names the file or column).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .analyze import analyze
+from .logistic import MIN_POINTS
+from .measures import SELECTIONS, Thresholds
+from .table import AnalysisError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("directory", help="a study output directory (with results.csv; epochs.csv optional)")
+    p.add_argument("--safe-asr", type=float, default=5.0, help="ASR (%%) at or below which a trial is safe (5)")
+    p.add_argument("--safe-drop", type=float, default=2.0, help="largest ACC drop (points) a safe trial may cost (2)")
+    p.add_argument("--selection", choices=SELECTIONS, default="within_drop",
+                   help="how the simulated defender picks a configuration from clean accuracy (within_drop)")
+    p.add_argument("--form", choices=sorted(MIN_POINTS), default="4p",
+                   help="logistic form: 4p (L, U, k, c) or 2p (L=0, U=100)")
+    p.add_argument("--fit-min-acc", type=float, default=0.0,
+                   help="leave trials below this ACC (%%, collapsed models) out of the curve fits (0: keep all)")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits per curve (0: no bands) (200)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
+    p.add_argument("--no-plots", action="store_true", help="fits and report only")
+    a = p.parse_args(argv)
+    try:
+        th = Thresholds(safe_asr=a.safe_asr, safe_drop=a.safe_drop, selection=a.selection)
+        if a.bootstrap < 0:
+            raise ValueError(f"--bootstrap: {a.bootstrap} must be >= 0")
+        out = analyze(a.directory, thresholds=th, form=a.form, n_boot=a.bootstrap, seed=a.seed,
+                      fit_min_acc=a.fit_min_acc, make_plots=not a.no_plots, log=lambda m: print(m, flush=True))
+    except (AnalysisError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for s in out["ranking"]:
+        print(f"{s['rank']}. {s['defense']:5s} safe {s['safe_share'] * 100:3.0f}%  pick ASR {s['pick_asr']:6.2f}  "
+              f"worst ASR {s['worst_asr']:6.2f}  mean ACC {s['mean_acc']:6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

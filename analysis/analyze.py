@@ -1,0 +1,106 @@
+"""results.csv -> fits.json, report.md and plots/*.png in the same directory.
+
+    data (results.csv, epochs.csv) -> fits per defence and budget -> measures -> plots -> report
+
+`analyze(DIR)` is what `python -m analysis DIR` and the end of a study both call.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from . import plots
+from .logistic import LogisticFit, fit_logistic
+from .measures import Thresholds, groups, rank, summarize
+from .report import write_report
+from .table import load_epochs, load_results, swept_axes
+
+
+def fit_all(df: pd.DataFrame, *, form: str, n_boot: int, seed: int,
+            min_acc: float = 0.0) -> dict[tuple[str, str], LogisticFit]:
+    """One logistic fit per (defence, budget) group, pooled budgets included. Trials below
+    `min_acc` (collapsed models, off the trade-off curve) can be left out of the fits."""
+    fits = {}
+    for defense, budget, rows in groups(df):
+        done = rows[(rows["status"] == "finished") & (rows["acc"] >= min_acc)]
+        fits[(defense, budget)] = fit_logistic(done["acc"], done["asr"], form=form, n_boot=n_boot, seed=seed)
+    return fits
+
+
+def axis_plots(df: pd.DataFrame, palette: dict, plot_dir: Path) -> dict[str, Path]:
+    """One ACC/ASR-vs-axis figure per axis that some defence sweeps, and one vs the clean budget
+    for the defences run at more than one budget."""
+    done = df[df["status"] == "finished"]
+    by_axis: dict[str, list[str]] = {}
+    multi_budget = []
+    for defense, rows in done.groupby("defense", sort=False):
+        for axis in swept_axes(rows):
+            by_axis.setdefault(axis, []).append(defense)
+        if rows["budget"].nunique() > 1:
+            multi_budget.append(defense)
+    drawn = {f"vs_{axis}": plots.versus_axis(df, axis, defenses, palette, plot_dir / f"vs_{axis}.png")
+             for axis, defenses in by_axis.items()}
+    if multi_budget:
+        drawn["vs_budget"] = plots.versus_budget(df, multi_budget, plot_dir / "vs_budget.png")
+    return {k: p for k, p in drawn.items() if p is not None}
+
+
+def analyze(directory: str | Path, *, thresholds: Thresholds = Thresholds(), form: str = "4p", n_boot: int = 200,
+            seed: int = 0, fit_min_acc: float = 0.0, make_plots: bool = True, log=print) -> dict:
+    """Rebuild fits.json, report.md and plots/ of a study directory from its results.csv (and
+    epochs.csv when present). Returns {'files': [...], 'ranking': [...], 'summaries': [...]}."""
+    directory = Path(directory)
+    t0 = time.perf_counter()
+    df = load_results(directory)
+    epochs = load_epochs(directory)
+    log(f"analysis: {len(df)} trials ({int((df['status'] == 'finished').sum())} finished) from "
+        f"{directory / 'results.csv'}")
+    if not 0 <= fit_min_acc < 100:
+        raise ValueError(f"fit_min_acc: {fit_min_acc} must be in [0, 100)")
+    fits = fit_all(df, form=form, n_boot=n_boot, seed=seed, min_acc=fit_min_acc)
+    summaries = []
+    for defense, budget, rows in groups(df):
+        fit = fits[(defense, budget)]
+        at = fit.acc_at_asr(thresholds.safe_asr)
+        summaries.append({"defense": defense, "budget": budget, **summarize(rows, thresholds),
+                          "acc_at_safe_asr": at, "crossing": fit.crossing(thresholds.safe_asr),
+                          "extrapolated": bool(at == at and not fit.acc_min <= at <= fit.acc_max)})
+    ranking = rank(summaries)
+    log(f"analysis: {len(fits)} fits ({sum(f.degenerate for f in fits.values())} degenerate), "
+        f"{time.perf_counter() - t0:.1f} s")
+
+    figures: dict[str, Path] = {}
+    if make_plots:
+        plot_dir = directory / "plots"
+        picks = {i for s in ranking for i in s["pick_ids"]}  # pooled rows: every budget's picks
+        palette = plots.colors(list(dict.fromkeys(df["defense"])))
+        drawn = {"tradeoff": plots.tradeoff(df, fits, palette, thresholds.safe_asr, plot_dir / "tradeoff.png"),
+                 **axis_plots(df, palette, plot_dir),
+                 "heatmap": plots.heatmap(df, plot_dir / "trigger_x_generator.png"),
+                 "amplified": plots.amplified(df, palette, picks, plot_dir / "amplified.png"),
+                 "trajectories": None if epochs is None else plots.trajectories(epochs, df,
+                                                                                 plot_dir / "trajectories.png")}
+        figures = {k: p for k, p in drawn.items() if p is not None}
+
+    fits_path = directory / "fits.json"
+    fits_path.write_text(json.dumps(
+        {"thresholds": dataclasses.asdict(thresholds), "fit_min_acc": fit_min_acc,
+         "fits": [{"defense": d, "budget": b, **f.to_dict(),
+                   "acc_at_safe_asr": _json_float(f.acc_at_asr(thresholds.safe_asr)),
+                   "crossing": f.crossing(thresholds.safe_asr)}
+                  for (d, b), f in fits.items()]}, indent=2))
+    report_path = write_report(directory, df, summaries, ranking, fits, figures, thresholds,
+                               has_epochs=epochs is not None, fit_min_acc=fit_min_acc)
+    files = [fits_path, report_path, *figures.values()]
+    log(f"analysis: wrote {', '.join(str(p.relative_to(directory)) for p in files)} "
+        f"({time.perf_counter() - t0:.1f} s)")
+    return {"files": files, "ranking": ranking, "summaries": summaries, "fits": fits}
+
+
+def _json_float(v: float) -> float | None:
+    return None if v != v else round(float(v), 4)
+
