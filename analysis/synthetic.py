@@ -58,7 +58,8 @@ def _row(defense: str, acc: float, asr: float, *, rng, lr: float, clean_fraction
             "clean_fraction": "" if clean_fraction is None else clean_fraction,
             "generator_size": "" if generator_size is None else generator_size, "subset_seed": subset_seed,
             "acc": acc, "asr": asr, "acc_drop": ACC_BEFORE - acc, "status": "finished", "mlflow_run_id": "",
-            "asr_x4": amp, "asr_x9": min(100.0, amp + 10), "acc_before": ACC_BEFORE, "asr_before": ASR_BEFORE}
+            "asr_x4": amp, "asr_x9": min(100.0, amp + 10), "acc_before": ACC_BEFORE, "asr_before": ASR_BEFORE,
+            "node_id": f"node{int(rng.integers(2))}", "node_ip": "10.0.0.1", "retries": int(rng.integers(2))}
 
 
 def make_epochs(results: pd.DataFrame, epochs: int = 5, seed: int = 0) -> pd.DataFrame:

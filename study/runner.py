@@ -22,6 +22,16 @@ from .spec import SpecError, StudySpec
 from .tracking import EPOCH_COLUMNS, ResultsFile, StudyRecorder, read_results, result_columns
 
 
+def tune_storage(storage_path: str | None, out: Path) -> str:
+    """Where Tune keeps its trial files: OUT/ray, or --storage-path/<OUT's name> on shared
+    storage (an NFS path or an object-store URI such as s3://bucket/prefix) for a cluster."""
+    if not storage_path:
+        return str((out / "ray").resolve())
+    if "://" in storage_path:
+        return f"{storage_path.rstrip('/')}/{out.name}"
+    return str((Path(storage_path) / out.name).resolve())
+
+
 def start_tracking(spec: StudySpec, out: Path, state: dict, done_ids: set[str], log) -> tuple[MlflowClient, str]:
     """The study's experiment and parent run (re-opened on resume). On resume, child runs of
     trials that never reached results.csv (killed mid-trial) are deleted: they run again."""
@@ -81,7 +91,7 @@ def check_budgets(spec: StudySpec, victims: dict[int, dict]) -> None:
                 raise SpecError(f"clean.shots: {s} on victims[{i}]: {err}") from err
 
 
-def _tuner(spec: StudySpec, trainable_kwargs: dict, param_space: dict, recorder, out: Path, name: str,
+def _tuner(spec: StudySpec, trainable_kwargs: dict, param_space: dict, recorder, storage: str, name: str,
            search_alg=None, num_samples: int = 1) -> tune.Tuner:
     trainable = tune.with_resources(tune.with_parameters(purify_trial, **trainable_kwargs),
                                     {"cpu": spec.cpu, "gpu": spec.gpu})
@@ -91,17 +101,22 @@ def _tuner(spec: StudySpec, trainable_kwargs: dict, param_space: dict, recorder,
                                     max_concurrent_trials=spec.max_concurrent,
                                     trial_name_creator=lambda t: f"trial_{t.trial_id}",
                                     trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
-        run_config=tune.RunConfig(name=name, storage_path=str((out / "ray").resolve()), callbacks=[recorder],
-                                  verbose=0, failure_config=tune.FailureConfig(max_failures=0)))
+        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[recorder],
+                                  verbose=0, failure_config=tune.FailureConfig(max_failures=spec.max_retries)))
 
 
 def run_study(spec: StudySpec, trials: list[dict], out: Path, state: dict, done_ids: set[str], *, args, log) -> int:
     """Run every pending trial; returns how many failed in this invocation."""
+    storage = tune_storage(args.storage_path, out)
     results = ResultsFile(out / "results.csv", result_columns(spec))
     epochs = ResultsFile(out / "epochs.csv", EPOCH_COLUMNS)
     client, parent = start_tracking(spec, out, state, done_ids, log)
-    if not ray.is_initialized():
-        ray.init(address=args.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if not ray.is_initialized():  # workers inherit the tracking URI: none of them opens a store of its own
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": state["tracking_uri"]}})
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    log(f"Ray: {len(nodes)} node(s), {sum(n['Resources'].get('CPU', 0) for n in nodes):g} CPUs, "
+        f"{sum(n['Resources'].get('GPU', 0) for n in nodes):g} GPUs; Tune files in {storage}")
     status = "FAILED"
     try:
         victims = prepare_victims(spec, args, log)
@@ -115,10 +130,11 @@ def run_study(spec: StudySpec, trials: list[dict], out: Path, state: dict, done_
                                      parent_run_id=parent, victims=victims, resolve=lambda c: resolve_trial(c),
                                      total=len(trials), done=len(done_ids), log=log)
             if pending:
-                _tuner(spec, kwargs, {"trial": tune.grid_search(pending)}, recorder, out, "grid").fit()
+                _tuner(spec, kwargs, {"trial": tune.grid_search(pending)}, recorder, storage, "grid").fit()
             failed = recorder.failed
         else:
-            failed = run_optuna(spec, out, state, client, parent, victims, (results, epochs), kwargs, args, log)
+            failed = run_optuna(spec, out, state, client, parent, victims, (results, epochs), kwargs, args, log,
+                                storage)
         status = "FINISHED"
         run_analysis(out, log)
     finally:
@@ -142,7 +158,7 @@ def run_analysis(out: Path, log) -> None:
 
 
 def run_optuna(spec: StudySpec, out: Path, state: dict, client, parent: str, victims: dict,
-               files: tuple[ResultsFile, ResultsFile], kwargs: dict, args, log) -> int:
+               files: tuple[ResultsFile, ResultsFile], kwargs: dict, args, log, tune_dir: str) -> int:
     """Per victim and defence entry: Optuna (through Tune's OptunaSearch) maximising ACC and
     minimising ASR over the entry's axes, the clean budget and the subset seed; history in
     optuna.db; the Pareto front of every defence in pareto.csv."""
@@ -178,7 +194,7 @@ def run_optuna(spec: StudySpec, out: Path, state: dict, client, parent: str, vic
             recorder = StudyRecorder(spec=spec, results=files[0], epochs=files[1], client=client,
                                      experiment_id=state["experiment_id"], parent_run_id=parent, victims=victims,
                                      resolve=lambda c, b=base: resolve_trial(c, b), total=remaining, log=log)
-            _tuner(spec, {**kwargs, "base": base}, space, recorder, out, study_name, search_alg=searcher,
+            _tuner(spec, {**kwargs, "base": base}, space, recorder, tune_dir, study_name, search_alg=searcher,
                    num_samples=remaining).fit()
             failed += recorder.failed
     for r in write_pareto(out):

@@ -37,10 +37,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--config", default=None, help="a study spec YAML file")
     src.add_argument("--resume", default=None, metavar="DIR", help="finish the study in DIR (its study.yaml)")
     p.add_argument("--out", default=None, help="output directory (default: runs/<name>-<time>)")
-    p.add_argument("--mlflow-uri", default=None, help=f"MLflow tracking URI (default {DEFAULT_MLFLOW_URI} here)")
+    p.add_argument("--mlflow-uri", default=None, help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                   f"else {DEFAULT_MLFLOW_URI} here)")
     p.add_argument("--address", default=None, help="Ray cluster address ('auto' on a cluster; default: local Ray)")
     p.add_argument("--data-root", default=None, help="dataset directory for non-built-in datasets")
-    p.add_argument("--cache-dir", default=None, help="victim cache (default: $BACKDOOR_CACHE/victims)")
+    p.add_argument("--cache-dir", default=None, help="victim cache (default: $BACKDOOR_CACHE/victims); on a "
+                   "cluster a shared path (NFS) so every node reuses trained victims")
+    p.add_argument("--storage-path", default=None, help="Tune's trial files: a shared path or URI (s3://bucket/"
+                   "prefix) on a cluster (default: OUT/ray)")
     p.add_argument("--dry-run", action="store_true", help="print the trial grid and its size, run nothing")
     p.add_argument("--search", choices=["grid", "optuna"], default="grid")
     p.add_argument("--num-samples", type=int, default=20, help="Optuna: trials per defence (and victim)")
@@ -109,7 +113,7 @@ def _setup(a: argparse.Namespace) -> tuple[StudySpec, Path, dict]:
         if (out / "results.csv").exists():
             raise SpecError(f"--out: {str(out)!r} already holds a study; use --resume {out} or another --out")
         state = {}
-    state.setdefault("tracking_uri", a.mlflow_uri or DEFAULT_MLFLOW_URI)
+    state.setdefault("tracking_uri", a.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_MLFLOW_URI)
     state["search"] = a.search
     return spec, out, state
 

@@ -11,6 +11,7 @@
     clean: {fractions: [0.014], shots: [10], subset_seeds: [0, 1]}
     resources: {cpu: 1, gpu: 0}    # per trial; fractional GPUs share a card
     tracking: {experiment: quick}  # MLflow experiment (default: the study name)
+    failures: {max_retries: 2}     # a trial whose worker dies (node lost) runs again up to 2 times
 
 Everything is checked before anything runs; errors name the field (`defenses[1].sweep.lr: ...`).
 A trial is one (victim, defence, swept values, clean budget, subset seed); its id is a hash
@@ -33,7 +34,8 @@ from backdoor.victims import VictimSpec
 from search_spaces import Axis, config_field, parse_axis
 
 PRESETS = Path(__file__).parent / "presets"
-TOP_KEYS = {"name", "description", "victims", "defenses", "clean", "resources", "tracking", "max_concurrent"}
+TOP_KEYS = {"name", "description", "victims", "defenses", "clean", "resources", "tracking", "max_concurrent",
+            "failures"}
 
 
 class SpecError(ValueError):
@@ -65,6 +67,7 @@ class StudySpec:
     gpu: float = 0.0
     experiment: str = ""
     max_concurrent: int | None = None
+    max_retries: int = 2           # re-runs of a trial whose actor died; an error inside a trial is recorded
     description: str = ""
     raw: dict = field(default_factory=dict)   # the spec as read (written back as study.yaml)
 
@@ -184,8 +187,14 @@ def parse_spec(raw: Any, source: str = "spec") -> StudySpec:
     max_concurrent = raw.get("max_concurrent")
     if max_concurrent is not None and not (_int(max_concurrent) and max_concurrent >= 1):
         raise SpecError(f"max_concurrent: must be a positive integer, got {max_concurrent!r}")
+    failures = raw.get("failures") or {}
+    if not isinstance(failures, dict) or set(failures) - {"max_retries"}:
+        raise SpecError(f"failures: the only key is max_retries, got {failures!r}")
+    max_retries = failures.get("max_retries", 2)
+    if not (_int(max_retries) and max_retries >= 0):
+        raise SpecError(f"failures.max_retries: must be an integer >= 0, got {max_retries!r}")
     return StudySpec(name=name, victims=victims, defenses=defenses, fractions=fractions, shots=shots,
-                     subset_seeds=seeds, cpu=float(cpu), gpu=float(gpu),
+                     subset_seeds=seeds, cpu=float(cpu), gpu=float(gpu), max_retries=max_retries,
                      experiment=tracking.get("experiment") or name, max_concurrent=max_concurrent,
                      description=str(raw.get("description", "")), raw=raw)
 

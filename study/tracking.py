@@ -30,7 +30,7 @@ from .spec import StudySpec
 BASE_COLUMNS = ["trial_id", "defense", "victim_id", "attack", "trigger_size", "lr", "lam", "clean_fraction",
                 "generator_size", "subset_seed", "acc", "asr", "acc_drop", "status", "mlflow_run_id"]
 EXTRA_COLUMNS = ["asr_eq9", "ra", "asr_x4", "asr_x9", "acc_before", "asr_before", "shots", "clean_images",
-                 "seconds", "trial_seconds", "error"]
+                 "seconds", "trial_seconds", "error", "node_id", "node_ip", "retries"]
 EPOCH_COLUMNS = ["trial_id", "epoch", "acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9"]
 FINAL_METRICS = ("acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9", "acc_before", "asr_before", "acc_drop",
                  "seconds", "trial_seconds", "clean_images")
@@ -59,12 +59,24 @@ class ResultsFile:
         if not path.exists() or path.stat().st_size == 0:
             with open(path, "w", newline="") as f:
                 csv.DictWriter(f, columns).writeheader()
+        else:  # resuming: keep the file's own header (it may predate newer columns)
+            with open(path, newline="") as f:
+                self.columns = next(csv.reader(f), columns)
 
     def append(self, *rows: dict) -> None:
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.columns, extrasaction="ignore").writerows(rows)
             f.flush()
             os.fsync(f.fileno())
+
+
+def _last_error_line(trial) -> str:
+    """The last line of Tune's error file for a trial ('' if none)."""
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).exists():
+        lines = Path(path).read_text().strip().splitlines()
+        return lines[-1] if lines else ""
+    return ""
 
 
 def _flat(prefix: str, d: dict) -> dict[str, str]:
@@ -90,6 +102,9 @@ class StudyRecorder(tune.Callback):
 
     # --- Tune callback hooks -------------------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
+        if trial.trial_id in self.open:  # a retried trial restarts: same MLflow run, epochs from scratch
+            self.open[trial.trial_id].update(epochs=[], final=None)
+            return
         t = self.resolve(trial.config)
         v = self.victims[t["victim_index"]]
         spec_victim = v["spec"]
@@ -103,7 +118,7 @@ class StudyRecorder(tune.Callback):
                   "subset_seed": str(t["subset_seed"]), **_flat("axis.", t["axes"])}
         self.client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
         self.open[trial.trial_id] = {"run_id": run.info.run_id, "trial": t, "epochs": [], "final": None,
-                                     "config": full}
+                                     "config": full, "retries": 0}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         rec = self.open.get(trial.trial_id)
@@ -114,15 +129,22 @@ class StudyRecorder(tune.Callback):
         elif "epoch" in result:
             rec["epochs"].append(result)
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """The trial's actor died (e.g. its node was lost) and Tune will run it again, up to the
+        spec's failures.max_retries; what it reported so far is discarded."""
+        rec = self.open.get(trial.trial_id)
+        if rec is None:
+            return
+        rec.update(epochs=[], final=None, retries=rec["retries"] + 1)
+        self.log(f"[retry] {rec['trial']['defense']} trial {rec['trial']['trial_id']}: the trial's worker was lost "
+                 f"({_last_error_line(trial) or 'actor died'}); attempt {rec['retries'] + 1} of "
+                 f"{self.spec.max_retries + 1}")
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        error = "trial crashed"
-        if getattr(trial, "error_file", None) and Path(trial.error_file).exists():
-            lines = Path(trial.error_file).read_text().strip().splitlines()
-            error = lines[-1] if lines else error
-        self._finish(trial, error)
+        self._finish(trial, _last_error_line(trial) or "trial crashed")
 
     # --- recording -----------------------------------------------------------------------------
     def _finish(self, trial, crash: str | None) -> None:
@@ -138,13 +160,16 @@ class StudyRecorder(tune.Callback):
         if status == "finished":
             final = {**final, "acc_drop": final["acc_before"] - final["acc"]}
             metrics += [Metric(f"final_{k}", float(final[k]), now, 0) for k in FINAL_METRICS if _finite(final.get(k))]
-        tags = [RunTag("status_detail", status)] + ([RunTag("error", error[:5000])] if error else [])
+        where = {k: str(final[k]) for k in ("node_id", "node_ip") if final.get(k)}
+        tags = ([RunTag("status_detail", status), RunTag("retries", str(rec["retries"]))]
+                + [RunTag(k, v) for k, v in where.items()] + ([RunTag("error", error[:5000])] if error else []))
         run_id = rec["run_id"]
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.set_terminated(run_id, status="FINISHED" if status == "finished" else "FAILED")
         if rec["epochs"]:  # before the results row: a trial in results.csv always has its epochs
             self.epochs.append(*({**r, "trial_id": t["trial_id"]} for r in rec["epochs"]))
-        self.results.append(self._row(t, final, status, error, run_id, rec["config"]))
+        self.results.append({**self._row(t, final, status, error, run_id, rec["config"]), **where,
+                             "retries": rec["retries"]})
         self.done += 1
         self.failed += status == "failed"
         what = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["axes"].items())

@@ -172,6 +172,7 @@ def test_analysis_writes_every_figure_as_a_non_blank_png(synthetic_study):
     expected = {"tradeoff.png", "vs_lr.png", "vs_budget.png", "vs_generator_size.png", "vs_trigger_size.png",
                 "trigger_x_generator.png", "amplified.png", "trajectories.png"}
     assert expected <= names and {"fits.json", "report.md"} <= names
+    assert not any("node" in n or "retries" in n for n in names)   # bookkeeping columns are not axes
     for name in expected:
         img = matplotlib.image.imread(d / "plots" / name)
         h, w = img.shape[:2]

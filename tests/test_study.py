@@ -105,6 +105,8 @@ def test_dry_run_prints_the_grid_and_its_size(tmp_path, capsys):
     ({"resources": {"cpu": 0}}, "resources.cpu: must be > 0"),
     ({"resources": {"gpu": 1.5}}, "resources.gpu"),
     ({"colour": "red"}, "colour: unknown key"),
+    ({"failures": {"max_retries": -1}}, "failures.max_retries: must be an integer >= 0"),
+    ({"failures": {"retries": 1}}, "failures: the only key is max_retries"),
 ])
 def test_bad_specs_are_refused_with_exit_code_2_naming_the_field(tmp_path, capsys, change, field):
     path = _write(tmp_path, _spec(**change))
@@ -114,6 +116,24 @@ def test_bad_specs_are_refused_with_exit_code_2_naming_the_field(tmp_path, capsy
     assert main(["--config", str(path), "--out", str(tmp_path / "o")]) == 2
     assert field in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing started
+
+
+def test_tracking_uri_and_tune_storage_defaults(tmp_path, monkeypatch):
+    from study.runner import tune_storage
+    from study.sensitivity import _setup, parse_args
+
+    path = _write(tmp_path, _spec())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.5:5000")   # what cluster.yaml sets on the head
+    assert _setup(parse_args(["--config", str(path)]))[2]["tracking_uri"] == "http://10.0.0.5:5000"
+    assert _setup(parse_args(["--config", str(path), "--mlflow-uri", "sqlite:///x.db"]))[2]["tracking_uri"] == \
+        "sqlite:///x.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert _setup(parse_args(["--config", str(path)]))[2]["tracking_uri"] == "sqlite:///mlflow.db"
+    out = tmp_path / "runs" / "s1"
+    assert tune_storage(None, out) == str((out / "ray").resolve())
+    assert tune_storage("s3://bucket/tune/", out) == "s3://bucket/tune/s1"
+    assert tune_storage("/mnt/shared/tune", out) == "/mnt/shared/tune/s1"
+    assert load_spec(config=path).max_retries == 2
 
 
 def test_presets_are_valid_and_quick_has_what_the_quickstart_promises():

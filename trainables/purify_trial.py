@@ -6,6 +6,7 @@ import json
 import math
 import time
 
+import ray
 import torch
 from ray import tune
 
@@ -43,6 +44,8 @@ def purify_trial(config: dict, victims: dict, base: dict | None = None, cpus_per
     torch.set_num_threads(max(1, int(cpus_per_trial)))
     trial = resolve_trial(config, base)
     t0 = time.perf_counter()
+    ctx = ray.get_runtime_context()
+    where = {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}  # which node ran it
     try:
         victim = unpack_victim(victims[trial["victim_index"]], device="auto")
         out = run_defense(victim, trial["defense"], trial["config"], clean_fraction=trial["clean_fraction"],
@@ -51,9 +54,9 @@ def purify_trial(config: dict, victims: dict, base: dict | None = None, cpus_per
                           on_metrics=lambda epoch, m: tune.report({"epoch": epoch, **{k: m.get(k) for k in METRICS}}))
     except Exception as err:  # noqa: BLE001 - any failure is a result to record, not a crash of the study
         tune.report({"done": True, "status": "failed", "error": f"{type(err).__name__}: {err}"[:2000],
-                     "acc": math.nan, "asr": math.nan, "trial_seconds": time.perf_counter() - t0})
+                     "acc": math.nan, "asr": math.nan, "trial_seconds": time.perf_counter() - t0, **where})
         return
     final = {k: out["after"].get(k) for k in METRICS}
     tune.report({"done": True, "status": "finished", **final, "acc_before": out["before"]["acc"],
                  "asr_before": out["before"]["asr"], "clean_images": out["clean_images"], "seconds": out["seconds"],
-                 "trial_seconds": time.perf_counter() - t0})
+                 "trial_seconds": time.perf_counter() - t0, **where})
