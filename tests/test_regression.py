@@ -1,0 +1,116 @@
+"""Regression studies: a baseline made by the tool, an unchanged re-run that passes with
+identical per-trial metrics, a weakened defence that is caught, and the refusals (baseline of
+another spec, missing baseline)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from study.regression import MEASURES, apply_overrides, compare, spec_hash
+from study.spec import SpecError
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = {"name": "reg", "victims": [{"dataset": "digits", "model": "small_cnn"}],
+        "defenses": [{"name": "ft", "config": {"epochs": 4, "samples_per_epoch": 512, "milestones": [3]},
+                      "sweep": {"lr": [0.01, 0.02]}}],
+        "clean": {"fractions": [0.07], "subset_seeds": [0]}, "resources": {"cpu": 1}}
+
+
+def _run(cwd: Path, *args) -> subprocess.CompletedProcess:
+    """One regression run; every run of the module shares one victim cache (cwd/../cache)."""
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "PYTHONPATH": str(ROOT),
+           "BACKDOOR_CACHE": str(cwd.parent / "cache")}
+    return subprocess.run([sys.executable, "-m", "study.regression", *args, "--mlflow-uri",
+                           f"sqlite:///{cwd / 'mlflow.db'}"], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    d = tmp_path_factory.mktemp("reg")
+    (d / "spec.yaml").write_text(yaml.safe_dump(SPEC))
+    proc = _run(d, "--config", str(d / "spec.yaml"), "--baseline", str(d / "base.json"), "--update-baseline",
+                "--out", str(d / "run0"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return d
+
+
+def test_baseline_is_made_by_the_tool_and_records_its_origin(baseline):
+    base = json.loads((baseline / "base.json").read_text())
+    assert base["spec_hash"] == spec_hash(SPEC) and base["spec_name"] == "reg"
+    assert base["versions"]["torch"] and base["versions"]["ray"] and base["created"]
+    assert set(base["tolerances"]) == set(MEASURES) and len(base["trials"]) == 2
+    ft = base["measures"]["ft"]
+    assert ft["mean_asr"] < 50, ft     # the pinned FT removes most of the backdoor: a weakened one must show
+
+
+def test_unchanged_rerun_passes_with_identical_trials(baseline):
+    proc = _run(baseline, "--config", str(baseline / "spec.yaml"), "--baseline", str(baseline / "base.json"),
+                "--out", str(baseline / "run1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((baseline / "run1" / "regression.json").read_text())
+    assert result["verdict"] == "pass" and all(r["verdict"] == "ok" for r in result["rows"])
+    assert result["max_trial_delta"] == {"acc": 0.0, "asr": 0.0, "compared": 2}    # identical trials on CPU
+    assert "PASS" in (baseline / "run1" / "regression.md").read_text()
+    from mlflow.tracking import MlflowClient
+    state = json.loads((baseline / "run1" / "state.json").read_text())
+    parent = MlflowClient(state["tracking_uri"]).get_run(state["parent_run_id"])
+    assert parent.data.tags["regression"] == "pass"
+
+
+def test_a_weakened_defence_is_caught_and_named(baseline):
+    proc = _run(baseline, "--config", str(baseline / "spec.yaml"), "--baseline", str(baseline / "base.json"),
+                "--out", str(baseline / "run2"), "--set", "ft.lr=0.0002")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (baseline / "run2" / "regression.md").read_text()
+    assert "REGRESSION" in report and "| ft | mean_asr |" in report and "**regression**" in report
+    rows = json.loads((baseline / "run2" / "regression.json").read_text())["rows"]
+    assert {"defense": "ft", "measure": "mean_asr", "verdict": "regression"}.items() <= \
+        next(r for r in rows if r["measure"] == "mean_asr").items()
+    study = yaml.safe_load((baseline / "run2" / "study.yaml").read_text())
+    assert study["defenses"][0]["config"]["lr"] == 0.0002 and "lr" not in study["defenses"][0]["sweep"]
+
+
+def test_a_baseline_from_another_spec_is_refused(baseline, tmp_path):
+    other = {**SPEC, "defenses": [{**SPEC["defenses"][0], "sweep": {"lr": [0.01]}}]}
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    proc = _run(tmp_path, "--config", str(tmp_path / "other.yaml"), "--baseline", str(baseline / "base.json"),
+                "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "not comparable" in proc.stderr
+    assert not (tmp_path / "o").exists()                 # refused before anything ran
+
+
+def test_a_missing_baseline_is_a_clear_error(tmp_path):
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(SPEC))
+    proc = _run(tmp_path, "--config", str(tmp_path / "spec.yaml"), "--baseline", str(tmp_path / "nope.json"))
+    assert proc.returncode == 2 and "nope.json does not exist; make it with --update-baseline" in proc.stderr
+    proc = _run(tmp_path, "--config", str(tmp_path / "spec.yaml"))
+    assert proc.returncode == 2 and "--baseline: a --config study needs an explicit baseline file" in proc.stderr
+
+
+def test_the_committed_quick_baseline_matches_the_quick_preset():
+    from study.spec import load_spec
+
+    base = json.loads((ROOT / "study" / "baselines" / "quick.json").read_text())
+    assert base["spec_hash"] == spec_hash(load_spec("quick").raw)
+    assert {"ft", "fp", "nad", "nft", "dhbe"} <= set(base["measures"]) and len(base["trials"]) == 52
+
+
+def test_overrides_and_comparison_rules():
+    raw = apply_overrides(SPEC, ["ft.lr=0.0002", "ft.epochs=1"])
+    assert raw["defenses"][0]["config"]["lr"] == 0.0002 and raw["defenses"][0]["config"]["epochs"] == 1
+    assert raw["defenses"][0]["sweep"] == {} and SPEC["defenses"][0]["sweep"] == {"lr": [0.01, 0.02]}  # copy
+    for bad, msg in (("ft.lr", "DEFENCE.FIELD=VALUE"), ("nad.lr=1", "no defence 'nad'"), ("ft.nope=1", "'nope'")):
+        with pytest.raises(SpecError, match=msg):
+            apply_overrides(SPEC, [bad])
+    tol = {m: t for m, (_, t) in MEASURES.items()}
+    base = {"ft": {"mean_acc": 95.0, "mean_asr": 5.0, "safe_share": 0.5, "acc_at_safe_asr": None, "worst_asr": 9.0}}
+    now = {"ft": {"mean_acc": 93.5, "mean_asr": 1.0, "safe_share": 0.45, "acc_at_safe_asr": None, "worst_asr": 9.0}}
+    verdicts = {r["measure"]: r["verdict"] for r in compare(base, now, tol)}
+    assert verdicts == {"mean_acc": "regression", "mean_asr": "improved", "safe_share": "ok",
+                        "acc_at_safe_asr": "ok", "worst_asr": "ok"}
+    assert all(r["verdict"] == "regression" for r in compare(base, {}, tol) if r["baseline"] is not None)
