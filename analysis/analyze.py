@@ -49,16 +49,10 @@ def axis_plots(df: pd.DataFrame, palette: dict, plot_dir: Path) -> dict[str, Pat
     return {k: p for k, p in drawn.items() if p is not None}
 
 
-def analyze(directory: str | Path, *, thresholds: Thresholds = Thresholds(), form: str = "4p", n_boot: int = 200,
-            seed: int = 0, fit_min_acc: float = 0.0, make_plots: bool = True, log=print) -> dict:
-    """Rebuild fits.json, report.md and plots/ of a study directory from its results.csv (and
-    epochs.csv when present). Returns {'files': [...], 'ranking': [...], 'summaries': [...]}."""
-    directory = Path(directory)
-    t0 = time.perf_counter()
-    df = load_results(directory)
-    epochs = load_epochs(directory)
-    log(f"analysis: {len(df)} trials ({int((df['status'] == 'finished').sum())} finished) from "
-        f"{directory / 'results.csv'}")
+def measure_study(df: pd.DataFrame, *, thresholds: Thresholds = Thresholds(), form: str = "4p", n_boot: int = 200,
+                  seed: int = 0, fit_min_acc: float = 0.0) -> tuple[dict, list[dict], list[dict]]:
+    """Fits, per-(defence, budget) measures and the ranking of a trial table; writes nothing
+    (a regression run compares these without touching the study's report)."""
     if not 0 <= fit_min_acc < 100:
         raise ValueError(f"fit_min_acc: {fit_min_acc} must be in [0, 100)")
     fits = fit_all(df, form=form, n_boot=n_boot, seed=seed, min_acc=fit_min_acc)
@@ -69,7 +63,21 @@ def analyze(directory: str | Path, *, thresholds: Thresholds = Thresholds(), for
         summaries.append({"defense": defense, "budget": budget, **summarize(rows, thresholds),
                           "acc_at_safe_asr": at, "crossing": fit.crossing(thresholds.safe_asr),
                           "extrapolated": bool(at == at and not fit.acc_min <= at <= fit.acc_max)})
-    ranking = rank(summaries)
+    return fits, summaries, rank(summaries)
+
+
+def analyze(directory: str | Path, *, thresholds: Thresholds = Thresholds(), form: str = "4p", n_boot: int = 200,
+            seed: int = 0, fit_min_acc: float = 0.0, make_plots: bool = True, log=print) -> dict:
+    """Rebuild fits.json, report.md and plots/ of a study directory from its results.csv (and
+    epochs.csv when present). Returns {'files': [...], 'ranking': [...], 'summaries': [...]}."""
+    directory = Path(directory)
+    t0 = time.perf_counter()
+    df = load_results(directory)
+    epochs = load_epochs(directory)
+    log(f"analysis: {len(df)} trials ({int((df['status'] == 'finished').sum())} finished) from "
+        f"{directory / 'results.csv'}")
+    fits, summaries, ranking = measure_study(df, thresholds=thresholds, form=form, n_boot=n_boot, seed=seed,
+                                             fit_min_acc=fit_min_acc)
     log(f"analysis: {len(fits)} fits ({sum(f.degenerate for f in fits.values())} degenerate), "
         f"{time.perf_counter() - t0:.1f} s")
 
