@@ -1,4 +1,5 @@
-"""The torch library: data, models, attacks, victims, metrics (and, later, defences).
+"""The torch library: data, models, attacks, victims (and the papers' recipes in `recipes`),
+defences, metrics, and `purify` (one defence run).
 
 Imports torch / torchvision / numpy only; never Ray, MLflow or Optuna.
 Pipeline: `data -> models -> attacks -> victims -> defences -> metrics`.

@@ -1,8 +1,13 @@
 """Backdoor attacks: a small base class and a registry (`ATTACKS`).
 
 An attack knows its trigger and its all-to-one target. `apply(x)` pastes the trigger on
-float pixels in [0, 1]; `poison(train, rate, seed)` builds a victim's training set;
+float pixels in [0, 1]; `poison(train, rate | count=, seed)` builds a victim's training set;
 patch attacks also paste the trigger several times (`apply_amplified`, DHBE's x4 / x9).
+
+- `badnets`: a k x k checkerboard at a position, opaque (`alpha` 1) or blended into the
+  image (`alpha` < 1: NFT's BadNets uses 0.6); `first_cell` 0 gives DHBE's reference
+  pattern (0 1 0 / 1 0 1 / 0 1 0), 1 (default) the inverse.
+- `blend`: a fixed seeded noise image blended in at `alpha` (0.2).
 """
 from __future__ import annotations
 
@@ -39,14 +44,24 @@ class Attack:
         """The parameters that define this trigger (recorded with victims and results)."""
         return {"target": self.target}
 
-    def poison(self, train: ImageSet, rate: float, seed: int = 0) -> tuple[ImageSet, torch.Tensor]:
-        """Trigger `rate` of the training set (drawn among non-target images, seeded) and
-        relabel them to the target. Returns the poisoned set and the poisoned indices."""
-        if not 0.0 < rate <= 1.0:
-            raise ValueError(f"poison_rate: must be in (0, 1], got {rate}")
+    def poison(self, train: ImageSet, rate: float | None = None, seed: int = 0, *,
+               count: int | None = None) -> tuple[ImageSet, torch.Tensor]:
+        """Trigger `rate` of the training set, or exactly `count` images (DHBE's victims: 300),
+        drawn among non-target images (seeded), and relabel them to the target. Returns the
+        poisoned set and the poisoned indices."""
         g = torch.Generator().manual_seed(int(seed))
         candidates = torch.nonzero(train.y.cpu() != self.target).flatten()
-        n = min(len(candidates), max(1, int(round(rate * len(train)))))
+        if (rate is None) == (count is None):
+            raise ValueError("poison_rate / poison_count: give exactly one of them")
+        if count is not None:
+            if isinstance(count, bool) or int(count) != count or not 1 <= count <= len(candidates):
+                raise ValueError(f"poison_count: must be an integer in [1, {len(candidates)}] (the non-target "
+                                 f"training images), got {count!r}")
+            n = int(count)
+        else:
+            if not 0.0 < rate <= 1.0:
+                raise ValueError(f"poison_rate: must be in (0, 1], got {rate}")
+            n = min(len(candidates), max(1, int(round(rate * len(train)))))
         index = candidates[torch.randperm(len(candidates), generator=g)[:n]].sort().values
         x, y = train.x.clone(), train.y.clone()
         dev_index = index.to(x.device)
@@ -55,30 +70,38 @@ class Attack:
         return ImageSet(x, y), index
 
 
-def checkerboard(size: int, channels: int) -> torch.Tensor:
-    """k x k black/white checkerboard (white at the top-left), shape (C, k, k)."""
+def checkerboard(size: int, channels: int, first_cell: int = 1) -> torch.Tensor:
+    """k x k black/white checkerboard, shape (C, k, k); `first_cell` is the top-left value
+    (1 white, 0 black)."""
     i = torch.arange(size)
-    board = ((i.view(-1, 1) + i.view(1, -1)) % 2 == 0).float()
+    board = ((i.view(-1, 1) + i.view(1, -1)) % 2 == (0 if first_cell else 1)).float()
     return board.expand(channels, size, size).clone()
 
 
 class BadNets(Attack):
-    """Patch trigger (checkerboard, k x k) pasted at a position; all-to-one target."""
+    """Patch trigger (checkerboard, k x k) pasted at a position, opaque or blended at
+    `alpha` (x' = (1 - alpha) x + alpha patch inside the patch area); all-to-one target."""
 
     name = "badnets"
     supports_amplified = True
     POSITIONS = ("bottom_right", "bottom_left", "top_right", "top_left", "center")
 
     def __init__(self, image_shape, num_classes, target: int = 0, trigger_size: int = 3,
-                 position: str | tuple[int, int] = "bottom_right"):
+                 position: str | tuple[int, int] = "bottom_right", alpha: float = 1.0, first_cell: int = 1):
         super().__init__(image_shape, num_classes, target)
         c, h, w = self.image_shape
-        if int(trigger_size) != trigger_size or not 1 <= trigger_size <= min(h, w):
+        if isinstance(trigger_size, bool) or int(trigger_size) != trigger_size or not 1 <= trigger_size <= min(h, w):
             raise ValueError(f"trigger_size: {trigger_size} does not fit a {h}x{w} image (1..{min(h, w)})")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha: the patch's opacity must be in (0, 1] (1 = pasted opaque), got {alpha!r}")
+        if first_cell not in (0, 1) or isinstance(first_cell, bool):
+            raise ValueError(f"first_cell: the checkerboard's top-left value must be 0 or 1, got {first_cell!r}")
         self.trigger_size = int(trigger_size)
+        self.alpha = float(alpha)
+        self.first_cell = int(first_cell)
         self.position = position
         self.top_left = self._resolve(position)
-        self.patch = checkerboard(self.trigger_size, c)
+        self.patch = checkerboard(self.trigger_size, c, self.first_cell)
 
     def _resolve(self, position) -> tuple[int, int]:
         _, h, w = self.image_shape
@@ -112,7 +135,11 @@ class BadNets(Attack):
         patch = self.patch.to(device=x.device, dtype=x.dtype)
         k = self.trigger_size
         for top, left in positions:
-            out[:, :, top : top + k, left : left + k] = patch
+            if self.alpha == 1.0:
+                out[:, :, top : top + k, left : left + k] = patch
+            else:
+                area = out[:, :, top : top + k, left : left + k]
+                out[:, :, top : top + k, left : left + k] = (1.0 - self.alpha) * area + self.alpha * patch
         return out
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +149,12 @@ class BadNets(Attack):
         return self._paste(x, self.amplified_positions(copies))
 
     def params(self) -> dict:
-        return {"target": self.target, "trigger_size": self.trigger_size, "position": list(self.top_left)}
+        out = {"target": self.target, "trigger_size": self.trigger_size, "position": list(self.top_left)}
+        if self.alpha != 1.0:
+            out["alpha"] = self.alpha
+        if self.first_cell != 1:
+            out["first_cell"] = self.first_cell
+        return out
 
 
 class Blend(Attack):

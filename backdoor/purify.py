@@ -25,10 +25,13 @@ from .victims import Victim, VictimSpec, get_or_train
 
 def run_defense(victim: Victim, defense: str | Defense, defense_config: dict | None = None, *,
                 clean_fraction: float | None = None, shots: int | None = None, subset_seed: int = 0,
-                seed: int = 0, log=print, on_metrics=None) -> dict:
+                clean_rule: str = "balanced", seed: int = 0, log=print, on_metrics=None,
+                evaluate_epoch=None) -> dict:
     """Purify `victim` with one defence (a name plus config overrides, or a built `Defense`)
     and return before/after metrics, history and timing. `on_metrics(epoch, metrics)` gets
-    every epoch's ACC / ASR (a study streams them to Ray Tune)."""
+    every epoch's ACC / ASR (a study streams them to Ray Tune). `clean_rule`: how the clean
+    subset is drawn (`backdoor.data.clean_subset`). `evaluate_epoch(epoch)`: whether to
+    evaluate after that epoch (default: every epoch); the last epoch is always evaluated."""
     if isinstance(defense, str):
         defense = build_defense(defense, defense_config)
     defense = defense.with_known_target(victim.attack.target)  # NC's known-target protocol
@@ -37,12 +40,14 @@ def run_defense(victim: Victim, defense: str | Defense, defense_config: dict | N
     if defense.needs_clean_data:
         if clean_fraction is None and shots is None:
             raise ValueError(f"clean_fraction: {defense_name} needs clean data; give clean_fraction or shots")
-        data = clean_subset(victim.splits, fraction=clean_fraction, shots=shots, seed=subset_seed)
+        data = clean_subset(victim.splits, fraction=clean_fraction, shots=shots, seed=subset_seed, rule=clean_rule)
     reference = correct_mask(victim.model, victim.splits.test)
     before = evaluate(victim.model, victim.splits.test, victim.attack, reference_correct=reference)
     t0 = time.perf_counter()
 
-    def on_epoch(epoch: int, model) -> dict:
+    def on_epoch(epoch: int, model) -> dict | None:
+        if evaluate_epoch is not None and not evaluate_epoch(epoch):
+            return None
         m = evaluate(model, victim.splits.test, victim.attack, reference_correct=reference)
         log(f"  {defense_name} epoch {epoch}: ACC {m['acc']:.2f}%  ASR {m['asr']:.2f}%  "
             f"({time.perf_counter() - t0:.1f} s)")
@@ -53,7 +58,9 @@ def run_defense(victim: Victim, defense: str | Defense, defense_config: dict | N
     result = defense.purify(victim.model, data, device=victim.splits.test.device,
                             image_shape=victim.splits.image_shape, augment=victim.splits.augment,
                             on_epoch=on_epoch, seed=seed)
-    after = result.history[-1] if result.history else evaluate(result.model, victim.splits.test, victim.attack)
+    last = result.history[-1] if result.history else {}
+    after = last if "acc" in last else evaluate(result.model, victim.splits.test, victim.attack,
+                                                reference_correct=reference)
     return {"defense": defense_name, "victim_id": victim.victim_id, "clean_images": 0 if data is None else len(data),
             "before": before, "after": {k: after[k] for k in before}, "seconds": result.info["seconds"],
             "info": result.info, "history": result.history}
@@ -69,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clean-fraction", type=float, default=None, help="clean data as a share of the training set")
     p.add_argument("--shots", type=int, default=None, help="clean images per class (instead of --clean-fraction)")
     p.add_argument("--subset-seed", type=int, default=0)
+    p.add_argument("--clean-rule", default="balanced", choices=["balanced", "first"],
+                   help="balanced: class-balanced subset (default); first: the first images of a seeded shuffle "
+                        "of the pool (NFT's reference rule)")
     p.add_argument("--seed", type=int, default=0, help="the defence's own randomness")
     p.add_argument("--victim", default="{}", help="JSON of VictimSpec fields (default: digits BadNets small_cnn)")
     p.add_argument("--data-root", default=None)
@@ -94,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         victim = get_or_train(spec, a.cache_dir, data_root=a.data_root, device=a.device, log=log)
         t0 = time.perf_counter()
         out = run_defense(victim, defense, clean_fraction=a.clean_fraction, shots=a.shots,
-                          subset_seed=a.subset_seed, seed=a.seed, log=log)
+                          subset_seed=a.subset_seed, clean_rule=a.clean_rule, seed=a.seed, log=log)
         out["wall_seconds"] = time.perf_counter() - t0
     except DefenseDiverged as err:
         print(f"error: {err}", file=sys.stderr)

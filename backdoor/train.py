@@ -24,11 +24,15 @@ class TrainConfig:
 
     epochs: int = 30
     batch_size: int = 128
-    optimizer: str = "adam"  # "adam" | "sgd" (momentum, nesterov)
+    optimizer: str = "adam"  # "adam" | "sgd" (momentum; Nesterov unless nesterov=False)
     lr: float = 1e-3
     momentum: float = 0.9
+    nesterov: bool = True    # SGD only; the papers' victim recipes use plain momentum (False)
     weight_decay: float = 5e-4
     schedule: str = "onecycle"  # "onecycle" (linear warm-up 15% then linear decay) | "cosine" | "constant"
+    #                             | "multistep" (lr x lr_decay after each epoch in `milestones`)
+    milestones: tuple[int, ...] = ()
+    lr_decay: float = 0.1
     label_smoothing: float = 0.0
     compile: str | None = None  # torch.compile mode for the training forward ("default", "reduce-overhead"); CUDA only
 
@@ -41,23 +45,38 @@ class TrainConfig:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer: must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if self.schedule not in ("onecycle", "cosine", "constant"):
-            raise ValueError(f"schedule: must be 'onecycle', 'cosine' or 'constant', got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule: must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        ms = list(self.milestones)
+        if not all(isinstance(m, int) and not isinstance(m, bool) and 1 <= m for m in ms) or ms != sorted(ms):
+            raise ValueError(f"milestones: must be an ascending list of epochs >= 1, got {self.milestones!r}")
+        if self.schedule == "multistep" and not ms:
+            raise ValueError("milestones: the multistep schedule needs the epochs where the lr decays, e.g. [100, 150]")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay: must be in (0, 1], got {self.lr_decay}")
+
+
+SCHEDULES = ("onecycle", "cosine", "constant", "multistep")
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           nesterov=cfg.momentum > 0)
+                           nesterov=cfg.nesterov and cfg.momentum > 0)
 
 
-def lr_factor(schedule: str, step: int, total: int) -> float:
-    """Multiplier of the base LR at `step` of `total` steps."""
+def lr_factor(schedule: str, step: int, total: int, *, steps_per_epoch: int = 1, milestones=(),
+              decay: float = 0.1) -> float:
+    """Multiplier of the base LR at `step` of `total` steps (multistep: `decay` once per
+    milestone epoch already passed)."""
     if schedule == "constant":
         return 1.0
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * step / total))
+    if schedule == "multistep":
+        epoch = step // steps_per_epoch
+        return decay ** sum(epoch >= m for m in milestones)
     warm = max(1, int(0.15 * total))
     return (step + 1) / warm if step < warm else max(0.0, (total - step) / (total - warm))
 
@@ -75,7 +94,8 @@ def train_classifier(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, augm
     drop_last = len(data) % cfg.batch_size == 1  # a 1-image batch breaks BatchNorm in train mode
     steps_per_epoch = len(data) // cfg.batch_size if drop_last else math.ceil(len(data) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.schedule, s, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
+        cfg.schedule, s, total, steps_per_epoch=steps_per_epoch, milestones=cfg.milestones, decay=cfg.lr_decay))
     fmt = memory_format(device)
     # compiling pays off only where Python launch overhead limits the step (CUDA); eval uses the eager model
     net = torch.compile(model, mode=cfg.compile) if cfg.compile and device.type == "cuda" else model

@@ -27,14 +27,19 @@ from .data import DATASETS, DatasetSplits, default_cache_dir, load_dataset
 from .metrics import evaluate
 from .models import MODELS, build_model
 from .runtime import prepare_model, resolve_device, seed_everything
-from .train import TrainConfig, train_classifier
+from .train import SCHEDULES, TrainConfig, train_classifier
 
 CACHE_FORMAT = 1
+# Fields added after cache format 1: `to_dict` leaves them out while they hold these defaults,
+# so the ids of victims (and of study trials) specified before they existed do not change.
+LATER_FIELDS = {"poison_count": None, "milestones": None, "nesterov": True}
 
 
 @dataclass
 class VictimSpec:
-    """Everything that defines a backdoored victim (its hash is the cache key)."""
+    """Everything that defines a backdoored victim (its hash is the cache key).
+
+    The papers' recipes are named presets in `backdoor.recipes` (`PAPER_VICTIMS`)."""
 
     dataset: str = "digits"
     model: str = "small_cnn"
@@ -42,12 +47,15 @@ class VictimSpec:
     attack_params: dict = field(default_factory=lambda: {"trigger_size": 3})
     target: int = 0
     poison_rate: float = 0.1
+    poison_count: int | None = None    # exactly this many poisoned images instead of poison_rate (DHBE: 300)
     epochs: int = 30
     batch_size: int = 128
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 5e-4
+    nesterov: bool = True              # SGD only: Nesterov momentum (the papers' recipes: False)
     schedule: str = "onecycle"
+    milestones: list[int] | None = None  # schedule "multistep": lr x0.1 after each of these epochs
     label_smoothing: float = 0.0
     seed: int = 0
     pool_fraction: float | None = None
@@ -60,8 +68,12 @@ class VictimSpec:
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer, lr=self.lr,
-                           weight_decay=self.weight_decay, schedule=self.schedule,
-                           label_smoothing=self.label_smoothing)
+                           weight_decay=self.weight_decay, nesterov=self.nesterov, schedule=self.schedule,
+                           milestones=tuple(self.milestones or ()), label_smoothing=self.label_smoothing)
+
+    def poison_arguments(self) -> dict:
+        """What `Attack.poison` is given: the count when set, else the rate."""
+        return {"count": self.poison_count} if self.poison_count is not None else {"rate": self.poison_rate}
 
     def validate(self) -> None:
         """Checks that need no data (names, ranges); the attack checks the rest."""
@@ -73,10 +85,21 @@ class VictimSpec:
             raise ValueError(f"attack_params: must be a mapping of parameter names to values, got {self.attack_params!r}")
         if not 0.0 < self.poison_rate <= 1.0:
             raise ValueError(f"poison_rate: must be in (0, 1], got {self.poison_rate}")
+        if self.poison_count is not None and (isinstance(self.poison_count, bool) or not isinstance(self.poison_count, int)
+                                              or self.poison_count < 1):
+            raise ValueError(f"poison_count: must be a positive integer (or null for poison_rate), got {self.poison_count!r}")
+        if self.milestones is not None and not isinstance(self.milestones, (list, tuple)):
+            raise ValueError(f"milestones: must be a list of epochs, got {self.milestones!r}")
         self.train_config().validate()
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for name, default in LATER_FIELDS.items():
+            if d[name] == default:
+                del d[name]
+        if d.get("milestones") is not None:
+            d["milestones"] = list(d["milestones"])
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "VictimSpec":
@@ -204,10 +227,10 @@ def get_or_train(spec: VictimSpec, cache_dir: str | os.PathLike | None = None, *
         log(f"victim {victim_id}: loaded from cache (ACC {meta['metrics']['acc']:.2f}%, ASR {meta['metrics']['asr']:.2f}%)")
         return Victim(spec, victim_id, model, attack, splits, meta["metrics"], True, meta.get("train_seconds", 0.0))
 
-    poisoned, _ = attack.poison(splits.train, spec.poison_rate, seed=spec.seed)
+    poisoned, poisoned_index = attack.poison(splits.train, seed=spec.seed, **spec.poison_arguments())
     model = prepare_model(model, device)
     log(f"victim {victim_id}: training {spec.model} on {len(poisoned)} {spec.dataset} images "
-        f"({spec.attack}, poison rate {spec.poison_rate}) for {spec.epochs} epochs on {device}")
+        f"({spec.attack}, {len(poisoned_index)} poisoned) for {spec.epochs} epochs on {device}")
     t0 = time.perf_counter()
 
     def progress(epoch: int, loss: float) -> None:
@@ -228,7 +251,7 @@ def get_or_train(spec: VictimSpec, cache_dir: str | os.PathLike | None = None, *
     _atomic_write(weights_path, lambda p: save_file(state, str(p)))
     meta = {"victim_id": victim_id, "spec": spec.to_dict(), "metrics": metrics, "train_seconds": seconds,
             "weights_sha256": _sha256(weights_path), "data_fingerprint": splits.fingerprint,
-            "attack_params": attack.params(), "library_version": __version__, "torch_version": torch.__version__,
+            "attack_params": attack.params(), "poisoned_images": len(poisoned_index), "library_version": __version__, "torch_version": torch.__version__,
             "device": str(device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     _atomic_write(cache_dir / f"{victim_id}.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
     return Victim(spec, victim_id, model.eval(), attack, splits, metrics, False, seconds)
@@ -263,41 +286,53 @@ def unpack_victim(packed: dict, device=None) -> Victim:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: train (or load) one victim and print its metrics as JSON."""
+    """CLI: train (or load) one victim and print its metrics as JSON. `--preset` starts from
+    one of the papers' recipes (`backdoor.recipes`); any other flag given overrides it."""
     d = VictimSpec()
     p = argparse.ArgumentParser(prog="python -m backdoor.victims", description=main.__doc__)
-    p.add_argument("--dataset", default=d.dataset, help=f"one of {sorted(DATASETS)}")
+    p.add_argument("--preset", default=None, help="a paper's victim recipe: dhbe-badnets-3x3, dhbe-badnets-2x2, "
+                   "dhbe-badnets-5x5, nft-badnets, nft-blend (see backdoor/recipes.py)")
+    p.add_argument("--dataset", default=None, help=f"one of {sorted(DATASETS)} (default {d.dataset})")
     p.add_argument("--data-root", default=None, help="dataset directory (image folder root for 'imagefolder')")
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
-    p.add_argument("--model", default=d.model, help=f"one of {sorted(MODELS)}")
-    p.add_argument("--attack", default=d.attack, help=f"one of {sorted(ATTACKS)}")
-    p.add_argument("--attack-params", default=json.dumps(d.attack_params), help="JSON, e.g. '{\"trigger_size\": 3}'")
-    p.add_argument("--target", type=int, default=d.target)
-    p.add_argument("--poison-rate", type=float, default=d.poison_rate)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--optimizer", default=d.optimizer, choices=["adam", "sgd"])
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--schedule", default=d.schedule, choices=["onecycle", "cosine", "constant"])
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--pool-fraction", type=float, default=None)
+    p.add_argument("--model", default=None, help=f"one of {sorted(MODELS)} (default {d.model})")
+    p.add_argument("--attack", default=None, help=f"one of {sorted(ATTACKS)} (default {d.attack})")
+    p.add_argument("--attack-params", default=None, help=f"JSON (default {json.dumps(d.attack_params)}), e.g. "
+                   "'{\"trigger_size\": 3, \"alpha\": 0.6}'")
+    p.add_argument("--target", type=int, default=None, help=f"target class (default {d.target})")
+    p.add_argument("--poison-rate", type=float, default=None, help=f"share of the training set (default {d.poison_rate})")
+    p.add_argument("--poison-count", type=int, default=None, help="exactly this many poisoned images (instead of the rate)")
+    p.add_argument("--epochs", type=int, default=None, help=f"(default {d.epochs})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"(default {d.batch_size})")
+    p.add_argument("--optimizer", default=None, choices=["adam", "sgd"], help=f"(default {d.optimizer})")
+    p.add_argument("--lr", type=float, default=None, help=f"(default {d.lr})")
+    p.add_argument("--weight-decay", type=float, default=None, help=f"(default {d.weight_decay})")
+    p.add_argument("--no-nesterov", dest="nesterov", action="store_const", const=False, default=None,
+                   help="SGD with plain momentum (the papers' recipes)")
+    p.add_argument("--schedule", default=None, choices=list(SCHEDULES), help=f"(default {d.schedule})")
+    p.add_argument("--milestones", type=int, nargs="+", default=None, help="multistep: epochs where the lr drops x0.1")
+    p.add_argument("--label-smoothing", type=float, default=None, help=f"(default {d.label_smoothing})")
+    p.add_argument("--seed", type=int, default=None, help=f"(default {d.seed})")
+    p.add_argument("--pool-fraction", type=float, default=None, help="defender pool held out of training")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--cache-dir", default=None, help="victim cache (default: $BACKDOOR_CACHE/victims)")
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile the training forward (CUDA only)")
     a = p.parse_args(argv)
+    given = {k: v for k, v in vars(a).items() if v is not None and k in {f.name for f in dataclasses.fields(VictimSpec)}}
     try:
-        try:
-            attack_params = json.loads(a.attack_params)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--attack-params: not valid JSON ({err})") from err
-        spec = VictimSpec(dataset=a.dataset, model=a.model, attack=a.attack, attack_params=attack_params,
-                          target=a.target, poison_rate=a.poison_rate, epochs=a.epochs, batch_size=a.batch_size,
-                          optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay, schedule=a.schedule,
-                          label_smoothing=a.label_smoothing, seed=a.seed, pool_fraction=a.pool_fraction, image_size=a.image_size)
+        if a.attack_params is not None:
+            try:
+                given["attack_params"] = json.loads(a.attack_params)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--attack-params: not valid JSON ({err})") from err
+        if a.preset is not None:
+            from .recipes import paper_victim
+
+            spec = paper_victim(a.preset, **given)
+        else:
+            spec = VictimSpec.from_dict({**d.to_dict(), **given})
         t0 = time.perf_counter()
         victim = get_or_train(spec, a.cache_dir, data_root=a.data_root, download=a.download, device=a.device,
                               compile=a.compile, log=lambda m: print(m, file=sys.stderr, flush=True))

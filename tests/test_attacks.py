@@ -74,3 +74,44 @@ def test_bad_attack_input_names_field(make, field):
 
 def test_registry_names():
     assert set(ATTACKS) >= {"badnets", "blend"}
+
+
+def test_blended_badnets_mixes_only_the_patch_area():
+    x = torch.rand(2, 3, 16, 16)
+    out = BadNets((3, 16, 16), 10, trigger_size=3, alpha=0.6).apply(x)
+    board = checkerboard(3, 3)
+    assert torch.allclose(out[:, :, 13:, 13:], 0.4 * x[:, :, 13:, 13:] + 0.6 * board)
+    assert torch.equal(out[:, :, :13], x[:, :, :13]) and torch.equal(out[:, :, :, :13], x[:, :, :, :13])
+    opaque = BadNets((3, 16, 16), 10, trigger_size=3, alpha=1.0).apply(x)
+    assert torch.equal(opaque[:, :, 13:, 13:], board.expand(2, 3, 3, 3))
+    amplified = BadNets((3, 16, 16), 10, trigger_size=3, alpha=0.6).apply_amplified(x, 4)
+    assert torch.allclose(amplified[:, :, :3, :3], 0.4 * x[:, :, :3, :3] + 0.6 * board)
+
+
+def test_first_cell_gives_dhbe_reference_pattern():
+    assert checkerboard(3, 1, first_cell=0)[0].tolist() == [[0, 1, 0], [1, 0, 1], [0, 1, 0]]
+    assert checkerboard(2, 1, first_cell=0)[0].tolist() == [[0, 1], [1, 0]]
+    a = BadNets((1, 8, 8), 10, trigger_size=3, first_cell=0)
+    assert a.apply(torch.full((1, 1, 8, 8), 0.5))[0, 0, 5:, 5:].tolist() == [[0, 1, 0], [1, 0, 1], [0, 1, 0]]
+    assert a.params()["first_cell"] == 0 and "alpha" not in a.params()
+
+
+def test_poison_count_poisons_exactly_that_many_non_target_images():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 200, (200, 1, 8, 8), dtype=torch.uint8, generator=g)
+    y = torch.arange(200) % 10
+    a = BadNets((1, 8, 8), 10, target=9, trigger_size=2)
+    poisoned, idx = a.poison(ImageSet(x, y), seed=3, count=37)
+    assert len(idx) == 37 and (y[idx] != 9).all() and (poisoned.y[idx] == 9).all()
+    assert int((poisoned.x != x).flatten(1).any(1).sum()) <= 37
+    with pytest.raises(ValueError, match="poison_count: must be an integer in \\[1, 180\\]"):
+        a.poison(ImageSet(x, y), count=181)
+    with pytest.raises(ValueError, match="poison_rate / poison_count"):
+        a.poison(ImageSet(x, y), 0.1, count=5)
+
+
+@pytest.mark.parametrize("params, field", [({"alpha": 0.0}, "alpha"), ({"alpha": 1.5}, "alpha"),
+                                           ({"first_cell": 2}, "first_cell"), ({"trigger_size": 2.5}, "trigger_size")])
+def test_badnets_bad_parameters_are_refused_by_name(params, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        BadNets((3, 16, 16), 10, **params)

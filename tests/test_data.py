@@ -102,3 +102,19 @@ def test_batches_cover_epoch_and_augment_is_seeded(digits):
     assert torch.equal(x1, x2) and x1.dtype == torch.float32 and 0.0 <= x1.min() and x1.max() <= 1.0
     drawn = list(sample_batches(digits.pool, 16, 3, generator=torch.Generator().manual_seed(0)))
     assert len(drawn) == 3 and all(x.shape == (16, 1, 16, 16) for x, _ in drawn)
+
+
+def test_clean_subset_first_rule_is_a_seeded_shuffle_prefix_not_balanced(digits):
+    sub = clean_subset(digits, fraction=0.05, seed=4, rule="first")
+    n = round(0.05 * digits.train_total)
+    order = torch.randperm(len(digits.pool), generator=torch.Generator().manual_seed(4))[:n].sort().values
+    assert len(sub) == n and torch.equal(sub.x, digits.pool.x[order]) and torch.equal(sub.y, digits.pool.y[order])
+    assert torch.equal(clean_subset(digits, fraction=0.05, seed=4, rule="first").x, sub.x)
+    assert not torch.equal(clean_subset(digits, fraction=0.05, seed=5, rule="first").x, sub.x)
+    counts = torch.bincount(sub.y, minlength=10)
+    assert counts.max() > counts.min()  # the reference rule does not balance classes
+    assert len(clean_subset(digits, shots=3, seed=0, rule="first")) == 30
+    with pytest.raises(ValueError, match="clean_rule"):
+        clean_subset(digits, fraction=0.05, rule="stratified")
+    with pytest.raises(ValueError, match="clean_fraction: .* the defender pool has 200"):
+        clean_subset(digits, fraction=0.5, rule="first")

@@ -156,3 +156,66 @@ def test_spec_and_cli_refuse_malformed_attack_params_and_mismatched_data(tmp_pat
                      log=lambda m: None)
     assert victims.main(["--attack-params", "{trigger_size: 3", "--cache-dir", str(tmp_path)]) == 2
     assert "--attack-params: not valid JSON" in capsys.readouterr().err
+
+
+def test_fields_added_later_keep_old_ids_and_change_ids_when_set():
+    d = VictimSpec().to_dict()
+    assert not {"poison_count", "milestones", "nesterov"} & set(d)  # specs from before they existed hash the same
+    assert VictimSpec.from_dict(d) == VictimSpec()
+    base = VictimSpec().victim_id("a")
+    for changed in (VictimSpec(poison_count=300), VictimSpec(nesterov=False),
+                    VictimSpec(schedule="multistep", milestones=[10])):
+        assert changed.victim_id("a") != base and VictimSpec.from_dict(changed.to_dict()) == changed
+
+
+def test_poison_count_victim_records_exactly_that_many_poisoned_images(tmp_path, digits):
+    spec = VictimSpec(epochs=1, poison_count=57, optimizer="sgd", lr=0.05, nesterov=False, schedule="multistep",
+                      milestones=[1])
+    v = get_or_train(spec, tmp_path, data=digits, device="cpu", log=lambda m: None)
+    assert json.loads((tmp_path / f"{v.victim_id}.json").read_text())["poisoned_images"] == 57
+
+
+def test_multistep_schedule_and_plain_momentum():
+    from backdoor.train import TrainConfig, lr_factor, make_optimizer
+
+    factors = [lr_factor("multistep", s, 1000, steps_per_epoch=10, milestones=(2, 3), decay=0.1)
+               for s in (0, 19, 20, 29, 30, 99)]
+    assert factors == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert make_optimizer(params, TrainConfig(optimizer="sgd", nesterov=False)).defaults["nesterov"] is False
+    assert make_optimizer(params, TrainConfig(optimizer="sgd")).defaults["nesterov"] is True
+    with pytest.raises(ValueError, match="milestones"):
+        TrainConfig(schedule="multistep").validate()
+    with pytest.raises(ValueError, match="milestones"):
+        TrainConfig(schedule="multistep", milestones=(5, 3)).validate()
+
+
+def test_paper_recipes_follow_the_papers_protocols():
+    from backdoor.recipes import PAPER_VICTIMS, paper_victim, scale_schedule
+
+    for name, spec in PAPER_VICTIMS.items():
+        spec.validate()
+        assert (spec.model, spec.optimizer, spec.lr, spec.weight_decay, spec.nesterov) == ("resnet18", "sgd", 0.1, 5e-4, False)
+        assert (spec.epochs, spec.schedule, spec.milestones) == (200, "multistep", [100, 150]), name
+    dhbe = PAPER_VICTIMS["dhbe-badnets-3x3"]
+    assert (dhbe.target, dhbe.poison_count, dhbe.attack_params) == (9, 300, {"trigger_size": 3, "first_cell": 0})
+    nft = PAPER_VICTIMS["nft-badnets"]
+    assert (nft.target, nft.poison_count, nft.poison_rate, nft.attack_params["alpha"]) == (0, None, 0.1, 0.6)
+    assert PAPER_VICTIMS["nft-blend"].attack_params == {"alpha": 0.2}
+    short = scale_schedule(paper_victim("nft-blend", dataset="imagefolder"), 0.1)
+    assert (short.dataset, short.epochs, short.milestones) == ("imagefolder", 20, [10, 15])
+    assert PAPER_VICTIMS["nft-blend"].dataset == "cifar10" and PAPER_VICTIMS["nft-blend"].epochs == 200  # not mutated
+    with pytest.raises(ValueError, match="victim preset: unknown preset"):
+        paper_victim("dhbe-badnets-4x4")
+    with pytest.raises(ValueError, match="schedule_scale"):
+        scale_schedule(dhbe, 0)
+
+
+def test_victims_cli_preset_with_overrides(tmp_path, capsys):
+    rc = victims.main(["--preset", "dhbe-badnets-3x3", "--dataset", "digits", "--model", "small_cnn", "--epochs", "1",
+                       "--pool-fraction", "0.15", "--poison-count", "50", "--cache-dir", str(tmp_path), "--device", "cpu"])
+    assert rc == 0
+    meta = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert meta["spec"]["target"] == 9 and meta["spec"]["poison_count"] == 50 and meta["poisoned_images"] == 50
+    assert meta["spec"]["attack_params"] == {"trigger_size": 3, "first_cell": 0} and meta["spec"]["nesterov"] is False
+    assert victims.main(["--preset", "nope"]) == 2 and "unknown preset 'nope'" in capsys.readouterr().err

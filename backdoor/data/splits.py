@@ -110,19 +110,28 @@ def load_dataset(name: str, data_root=None, *, download: bool = False, pool_frac
                          meta={"pool_fraction": fraction, "split_seed": split_seed, "data_root": str(data_root)})
 
 
+CLEAN_RULES = ("balanced", "first")
+
+
 def clean_subset(splits: DatasetSplits, *, fraction: float | None = None, shots: int | None = None,
-                 seed: int = 0) -> ImageSet:
+                 seed: int = 0, rule: str = "balanced") -> ImageSet:
     """Draw the defender's clean subset from the pool: `fraction` of the original training
-    set (e.g. 0.01 = 1%) or `shots` images per class. Class-balanced (a remainder goes to
-    seeded random classes), seeded and deterministic."""
+    set (e.g. 0.01 = 1%) or `shots` images per class (`shots` x classes images in all).
+
+    `rule="balanced"` (default): class-balanced (a remainder goes to seeded random classes),
+    seeded and deterministic. `rule="first"`: NFT's reference rule, the first images of a
+    fixed (seeded) shuffle of the pool, whatever their classes."""
     if (fraction is None) == (shots is None):
         raise ValueError("clean_subset: give exactly one of fraction (clean_fraction) or shots (shots_per_class)")
+    if rule not in CLEAN_RULES:
+        raise ValueError(f"clean_rule: must be one of {list(CLEAN_RULES)}, got {rule!r}")
     c = splits.num_classes
     g = torch.Generator().manual_seed(int(seed))
     if shots is not None:
         if int(shots) != shots or shots < 1:
             raise ValueError(f"shots_per_class: must be a positive integer, got {shots}")
         per_class = torch.full((c,), int(shots), dtype=torch.long)
+        total = int(shots) * c
     else:
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"clean_fraction: must be in (0, 1], got {fraction}")
@@ -131,6 +140,13 @@ def clean_subset(splits: DatasetSplits, *, fraction: float | None = None, shots:
             raise ValueError(f"clean_fraction: {fraction} of {splits.train_total} training images is no image at all")
         per_class = torch.full((c,), total // c, dtype=torch.long)
         per_class[torch.randperm(c, generator=g)[: total % c]] += 1
+    if rule == "first":
+        if total > len(splits.pool):
+            what = f"shots_per_class={shots}" if shots is not None else f"clean_fraction={fraction}"
+            raise ValueError(f"{what.split('=')[0]}: {what} needs {total} images, the defender pool has "
+                             f"{len(splits.pool)}; lower it or raise pool_fraction")
+        order = torch.randperm(len(splits.pool), generator=torch.Generator().manual_seed(int(seed)))
+        return splits.pool.subset(order[:total].sort().values)
     labels = splits.pool.y.cpu()
     chosen = []
     for k in range(c):
