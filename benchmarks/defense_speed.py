@@ -6,12 +6,18 @@ then the baselines (FT, FP, NAD, ANP, NC), each run once with its full default s
     python benchmarks/defense_speed.py                       # ResNet-18 CIFAR stem, 32x32, batch 128, n_s = 3
     python benchmarks/defense_speed.py --model small_cnn --channels 1 --image-size 16
     python benchmarks/defense_speed.py --skip nft --skip dhbe --baselines ft fp   # some baselines only
+    python benchmarks/defense_speed.py --skip nft --baselines --dhbe-execution eager graph   # DHBE paths only
+
+DHBE is timed once per execution path (`--dhbe-execution`; default eager and device, plus
+graph on CUDA): the same iteration, host-side patch positions (eager), device-side positions
+and paste (device), and the whole iteration replayed as one CUDA graph (graph).
 
 Each figure runs the defence itself (`NFT.purify`, `DHBE.purify`) twice, with a short and a
 longer schedule, and divides the difference in wall time by the difference in steps, so
 set-up (copies, mask attachment, generator construction) is not counted per step; it is
 printed separately. Random weights and images: speed does not depend on them.
-Targets on one H100: NFT full schedule <= 15 s, DHBE full schedule <= 15 min (issue 3);
+Targets on one H100: NFT full schedule <= 15 s, DHBE full schedule <= 6 min (<= 25 ms per
+iteration; issue 14, the graph path);
 FT, 20 epochs x 2,000 samples plus its final evaluation, <= 5 s (issue 4). The baselines run
 their real schedules, which takes minutes per baseline with ResNet-18 on a CPU.
 """
@@ -59,6 +65,8 @@ def main() -> None:
     p.add_argument("--dhbe-iterations", type=int, nargs=2, default=None, metavar=("SHORT", "LONG"),
                    help="DHBE schedules timed (default: 10 50 on CUDA, 1 3 on CPU)")
     p.add_argument("--skip", choices=["nft", "dhbe"], action="append", default=[])
+    p.add_argument("--dhbe-execution", nargs="+", default=None, choices=["eager", "device", "graph"],
+                   help="DHBE execution paths to time (default: eager device, and graph on CUDA)")
     p.add_argument("--baselines", nargs="*", default=["ft", "fp", "nad", "anp", "nc"],
                    help="baselines to run with their full default schedule (none: skip)")
     p.add_argument("--baseline-images", type=int, default=2000, help="clean subset size for the baselines")
@@ -86,13 +94,18 @@ def main() -> None:
         print(f"NFT:  {step * 1e3:9.1f} ms/step   set-up {setup:6.2f} s   full schedule ({NFT_FULL_STEPS} steps): "
               f"{NFT_FULL_STEPS * step + setup:9.1f} s (without evaluation)")
     if "dhbe" not in a.skip:
-        def dhbe(iterations: int) -> None:
-            DHBE(epochs=1, iters_per_epoch=iterations, batch_size=a.batch_size,
-                 student_steps=a.student_steps).purify(model, None, device=device, image_shape=shape)
-        it, setup = per_unit(dhbe, *dhbe_iters)
-        full = DHBE_FULL_ITERATIONS * it + setup
-        print(f"DHBE: {it * 1e3:9.1f} ms/iter   set-up {setup:6.2f} s   full schedule ({DHBE_FULL_ITERATIONS} iterations, "
-              f"n_s={a.student_steps}): {full:9.1f} s = {full / 60:.1f} min (without evaluation)")
+        for execution in a.dhbe_execution or (["eager", "device"] + (["graph"] if cuda else [])):
+            def dhbe(iterations: int) -> None:
+                result = DHBE(epochs=1, iters_per_epoch=iterations, batch_size=a.batch_size,
+                              student_steps=a.student_steps, execution=execution).purify(
+                                  model, None, device=device, image_shape=shape)
+                if result.info.get("graph_failed"):
+                    print(f"  (graph capture failed, timed eagerly: {result.info['graph_failed']})")
+            it, setup = per_unit(dhbe, *dhbe_iters)
+            full = DHBE_FULL_ITERATIONS * it + setup
+            print(f"DHBE ({execution:6s}): {it * 1e3:9.1f} ms/iter   set-up {setup:6.2f} s   full schedule "
+                  f"({DHBE_FULL_ITERATIONS} iterations, n_s={a.student_steps}): {full:9.1f} s = {full / 60:.1f} min "
+                  "(without evaluation)", flush=True)
 
     if a.baselines:
         baseline_times(a, model, shape, device)

@@ -146,3 +146,69 @@ def test_patch_larger_than_image_is_refused():
 def test_image_shape_with_the_wrong_channels_is_refused():
     with pytest.raises(ValueError, match="image_shape: 3 channel"):
         DHBE(**TINY).purify(_model(1), None, device="cpu", image_shape=(3, 16, 16))
+
+
+def test_device_side_paste_equals_host_side_paste_values_and_gradients():
+    from backdoor.defenses.generators import paste_patch_at
+
+    x = torch.rand(3, 2, 9, 11)
+    weights = torch.rand(3, 2, 9, 11)
+    for top in range(0, 9 - 4 + 1):
+        for left in range(0, 11 - 4 + 1):
+            patch = torch.randn(3, 2, 4, 4, requires_grad=True)
+            host = paste_patch(x, patch, top, left)
+            dev = paste_patch_at(x, patch, torch.tensor(top), torch.tensor(left))
+            assert torch.equal(host, dev), (top, left)
+            g_host, = torch.autograd.grad((host * weights).sum(), patch)
+            g_dev, = torch.autograd.grad((dev * weights).sum(), patch)
+            assert torch.equal(g_host, g_dev), (top, left)
+
+
+def _iteration_setup(seed=0):
+    """Two identical DHBE states (student, teacher, generators, optimisers) for one iteration."""
+    import copy
+
+    from backdoor.defenses.dhbe import _Iteration
+
+    cfg = DHBEConfig(**TINY, tv_weight=1e-4)
+    torch.manual_seed(seed)
+    student = _model()
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    gen_x, gen_p = SampleGenerator((1, 16, 16), cfg.noise_dim, cfg.ngf), TriggerGenerator(1, cfg.generator_size)
+
+    def build(paste):
+        s, gx, gp = copy.deepcopy(student).train(), copy.deepcopy(gen_x).train(), copy.deepcopy(gen_p).train()
+        opts = (torch.optim.SGD(s.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4),
+                torch.optim.Adam(gx.parameters(), lr=1e-3), torch.optim.Adam(gp.parameters(), lr=1e-3))
+        it = _Iteration(cfg, s, teacher, gx, gp, opts, torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1),
+                        device=torch.device("cpu"), fmt=torch.contiguous_format, paste=paste)
+        return it, (s, gx, gp)
+    return cfg, build
+
+
+def test_device_path_iteration_equals_eager_iteration_for_the_same_positions():
+    from backdoor.defenses.generators import paste_patch_at
+
+    cfg, build = _iteration_setup()
+    eager, eager_models = build(lambda x, p, where: paste_patch(x, p, *where))
+    device, device_models = build(lambda x, p, where: paste_patch_at(x, p, *where))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        noise = torch.randn(2 * cfg.student_steps + 3, cfg.batch_size, cfg.noise_dim, generator=g)
+        where = [(int(t), int(l)) for t, l in torch.randint(0, 12, (cfg.student_steps + 1, 2), generator=g)]
+        losses_e = eager(noise, where)
+        losses_d = device(noise, [(torch.tensor(t), torch.tensor(l)) for t, l in where])
+        assert all(torch.equal(a, b) for a, b in zip(losses_e, losses_d))
+    for a, b in zip(eager_models, device_models):
+        for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(pa, pb), name
+
+
+def test_execution_modes_on_cpu():
+    device = DHBE(**TINY, execution="device").purify(_model(), None, device="cpu", image_shape=(1, 16, 16))
+    assert device.info["execution"] == "device" and len(device.history) == 2
+    assert DHBE(**TINY).purify(_model(), None, device="cpu", image_shape=(1, 16, 16)).info["execution"] == "eager"
+    with pytest.raises(ValueError, match="execution: 'graph' replays CUDA graphs"):
+        DHBE(**TINY, execution="graph").purify(_model(), None, device="cpu", image_shape=(1, 16, 16))
+    with pytest.raises(ValueError, match="execution"):
+        DHBE(execution="fast")

@@ -10,8 +10,10 @@ small k x k patches that move S's output and S is penalised for reacting to them
     Gp: -L1(S(x + d), S(x))  (x detached)
 
 S stays in train mode throughout (switchable for the ablation); the teacher is frozen in
-eval mode. Patches are pasted
-in pixel space at one random position per call, shared by the batch.
+eval mode. Patches are pasted in pixel space at one random position per call, shared by the
+batch. On CUDA the whole iteration is captured once as a CUDA graph and replayed (the eager
+loop is launch-bound); positions are then drawn and pasted on the device. The eager loop is
+the CPU path and the reference (`execution`).
 """
 from __future__ import annotations
 
@@ -25,12 +27,13 @@ from torch import nn
 
 from ..data import Augment, ImageSet
 from ..models import Normalize
-from ..runtime import autocast, device_generator, memory_format, prepare_model
+from ..runtime import GraphedStep, autocast, device_generator, memory_format, prepare_model
 from .base import Defense, DefenseResult, EpochCallback, LossTracker, check, check_finite_positive, report_epoch
-from .generators import SampleGenerator, TriggerGenerator, paste_patch
+from .generators import SampleGenerator, TriggerGenerator, paste_patch, paste_patch_at
 
 PAPER_EPOCHS, PAPER_ITERS_PER_EPOCH = 300, 50
 REFERENCE_STUDENT_LR = 0.1  # the generators' lrs scale with lr / this when `scale_generator_lr`
+EXECUTIONS = ("auto", "eager", "device", "graph")
 
 
 @dataclass
@@ -57,6 +60,10 @@ class DHBEConfig:
     tv_weight: float = 0.0          # total-variation prior on G's samples; reference code: 1e-4
     student_train_mode: bool = True  # S in train mode for every forward (BN statistics re-estimated on
     #                                  G's samples); False = BN statistics frozen (ablation)
+    execution: str = "auto"         # how an iteration runs (not the method): "eager" (host-drawn patch positions,
+    #                                 the reference and CPU path), "device" (positions drawn and pasted on the device),
+    #                                 "graph" (device + the whole iteration replayed as one CUDA graph);
+    #                                 "auto" = graph on CUDA, eager elsewhere
 
     def validate(self) -> None:
         check_finite_positive(self, "lr", "generator_lr", "trigger_lr", "lr_decay", "patch_scale")
@@ -70,6 +77,15 @@ class DHBEConfig:
         check(self.tv_weight >= 0, "tv_weight", f"must be >= 0, got {self.tv_weight}")
         check(all(0 < f <= 1 for f in self.lr_milestones), "lr_milestones",
               f"must be fractions of training in (0, 1], got {self.lr_milestones}")
+        check(self.execution in EXECUTIONS, "execution", f"must be one of {list(EXECUTIONS)}, got {self.execution!r}")
+
+    def resolve_execution(self, device: torch.device) -> str:
+        """The execution an iteration gets on `device` ("graph" needs CUDA)."""
+        if self.execution == "auto":
+            return "graph" if device.type == "cuda" else "eager"
+        check(self.execution != "graph" or device.type == "cuda", "execution",
+              f"'graph' replays CUDA graphs and needs a CUDA device, not {device.type}")
+        return self.execution
 
     @property
     def iterations(self) -> int:
@@ -104,6 +120,67 @@ def pixel_statistics(model: nn.Module, channels: int, device: torch.device) -> t
     return norm.mean.detach().clone(), norm.std.detach().clone()
 
 
+class _Iteration:
+    """One DHBE iteration on given noise and patch positions; returns the five tracked losses.
+
+    `noise`: (2 n_s + 3, B, noise_dim): per student step a sample and a patch draw, then G's
+    draw, then the trigger step's sample and patch draws (the order the eager loop always
+    drew them in). `positions[i]`: where the i-th patch goes (n_s student steps, then Gp),
+    read by `paste`: host ints for `paste_patch`, device tensors for `paste_patch_at`.
+    """
+
+    def __init__(self, cfg: "DHBEConfig", student, teacher, gen_x, gen_p, opts, mean, std, *, device, fmt,
+                 paste, autocast_cache: bool = True):
+        self.cfg, self.student, self.teacher, self.gen_x, self.gen_p = cfg, student, teacher, gen_x, gen_p
+        self.opt_s, self.opt_g, self.opt_p = opts
+        self.mean, self.std, self.device, self.fmt, self.paste = mean, std, device, fmt, paste
+        self.cache = autocast_cache
+        self.g_params, self.p_params = list(gen_x.parameters()), list(gen_p.parameters())
+
+    def _pixels(self, x_norm: torch.Tensor) -> torch.Tensor:
+        return (x_norm * self.std + self.mean).contiguous(memory_format=self.fmt)  # G's output in pixels
+
+    def __call__(self, noise: torch.Tensor, positions) -> tuple[torch.Tensor, ...]:
+        cfg, student, teacher, device, n = self.cfg, self.student, self.teacher, self.device, self.cfg.student_steps
+        amp = lambda: autocast(device, cache=self.cache)  # noqa: E731
+        kd_sum = abr_sum = s_sum = 0.0
+        for j in range(n):
+            with torch.no_grad(), amp():
+                x = self._pixels(self.gen_x(noise[2 * j]))
+                x_trig = self.paste(x, self.gen_p(noise[2 * j + 1]), positions[j])
+                t_out = teacher(x)
+            with amp():
+                s_out = student(x)
+                loss_kd = F.l1_loss(s_out.float(), t_out.float())
+                loss_abr = F.l1_loss(student(x_trig).float(), s_out.detach().float())
+                loss_s = loss_kd + cfg.lam * loss_abr
+            self.opt_s.zero_grad(set_to_none=True)
+            loss_s.backward()
+            self.opt_s.step()
+            kd_sum, abr_sum, s_sum = kd_sum + loss_kd.detach(), abr_sum + loss_abr.detach(), s_sum + loss_s.detach()
+
+        with amp():  # G: maximise the student-teacher disagreement (gradients for G only)
+            x_norm = self.gen_x(noise[2 * n])
+            x = self._pixels(x_norm)
+            loss_g = -F.l1_loss(student(x).float(), teacher(x).float())
+            if cfg.tv_weight:
+                loss_g = loss_g + cfg.tv_weight * total_variation(x_norm.float())
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward(inputs=self.g_params)
+        self.opt_g.step()
+
+        with torch.no_grad(), amp():  # Gp: maximise the student's reaction to a patch (gradients for Gp only)
+            x = self._pixels(self.gen_x(noise[2 * n + 1]))
+            s_clean = student(x)
+        with amp():
+            loss_p = -F.l1_loss(student(self.paste(x, self.gen_p(noise[2 * n + 2]), positions[n])).float(),
+                                s_clean.float())
+        self.opt_p.zero_grad(set_to_none=True)
+        loss_p.backward(inputs=self.p_params)
+        self.opt_p.step()
+        return s_sum / n, kd_sum / n, abr_sum / n, loss_g.detach(), loss_p.detach()
+
+
 class DHBE(Defense):
     name = "dhbe"
     Config = DHBEConfig
@@ -116,7 +193,7 @@ class DHBE(Defense):
         c, h, w = image_shape
         k = cfg.generator_size
         check(k <= min(h, w), "generator_size", f"a {k}x{k} patch does not fit a {h}x{w} image")
-        fmt = memory_format(device)
+        execution = cfg.resolve_execution(device)
         student = model
         teacher = prepare_model(_frozen_copy(model), device).eval()
         with torch.random.fork_rng(devices=[]):  # seeded generator initialisation, global RNG left as it was
@@ -125,68 +202,60 @@ class DHBE(Defense):
             gen_p = TriggerGenerator(c, k, cfg.noise_dim, scale=cfg.patch_scale).to(device).train()
         mean, std = pixel_statistics(student, c, device)
         g_lr, p_lr = cfg.generator_lrs()
+        graphed = execution == "graph"
         opt_s = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        opt_g = torch.optim.Adam(gen_x.parameters(), lr=g_lr)
-        opt_p = torch.optim.Adam(gen_p.parameters(), lr=p_lr)
+        opt_g = torch.optim.Adam(gen_x.parameters(), lr=g_lr, capturable=graphed)
+        opt_p = torch.optim.Adam(gen_p.parameters(), lr=p_lr, capturable=graphed)
         base_lrs = [(opt_s, cfg.lr), (opt_g, g_lr), (opt_p, p_lr)]
-        noise = device_generator(device, seed)
-        positions = random.Random(seed)  # patch positions: host-side draws, no device sync
-        z = lambda: torch.randn(cfg.batch_size, cfg.noise_dim, device=device, generator=noise)  # noqa: E731
-        sample = lambda: (gen_x(z()) * std + mean).contiguous(memory_format=fmt)  # noqa: E731  G's output in pixels
-        where = lambda: (positions.randint(0, h - k), positions.randint(0, w - k))  # noqa: E731
-        student_params = list(student.parameters())
+
+        # Randomness: all noise of an iteration in one draw on the device; patch positions on the
+        # host (eager: plain slicing) or on the device (device / graph: no host value needed).
+        rng = device_generator(device, seed)
+        n = cfg.student_steps
+        noise = torch.empty(2 * n + 3, cfg.batch_size, cfg.noise_dim, device=device)
+        if execution == "eager":
+            host = random.Random(seed)
+            paste = lambda x, patch, where: paste_patch(x, patch, *where)  # noqa: E731
+
+            def draw():
+                noise.normal_(generator=rng)
+                return [(host.randint(0, h - k), host.randint(0, w - k)) for _ in range(n + 1)]
+        else:
+            tops = torch.empty(n + 1, dtype=torch.long, device=device)
+            lefts = torch.empty_like(tops)
+            positions = [(tops[i], lefts[i]) for i in range(n + 1)]
+            paste = lambda x, patch, where: paste_patch_at(x, patch, *where)  # noqa: E731
+
+            def draw():
+                noise.normal_(generator=rng)
+                tops.random_(0, h - k + 1, generator=rng)
+                lefts.random_(0, w - k + 1, generator=rng)
+                return positions
+
+        iteration = _Iteration(cfg, student, teacher, gen_x, gen_p, (opt_s, opt_g, opt_p), mean, std, device=device,
+                               fmt=memory_format(device), paste=paste, autocast_cache=not graphed)
+        graph = None
+        if graphed:
+            graph = GraphedStep(lambda: iteration(noise, positions),
+                                before_capture=lambda: [o.zero_grad(set_to_none=True) for o in (opt_s, opt_g, opt_p)])
 
         tracker = LossTracker(self.name, ("student", "kd", "abr", "generator", "trigger"), device)
         history: list[dict] = []
         step = 0
+        factor = None
         student.train(cfg.student_train_mode)
         for epoch in range(cfg.epochs):
-            factor = cfg.lr_factor(epoch)
-            for opt, base in base_lrs:
-                for group in opt.param_groups:
-                    group["lr"] = base * factor
+            if cfg.lr_factor(epoch) != factor:
+                factor = cfg.lr_factor(epoch)
+                for opt, base in base_lrs:
+                    for group in opt.param_groups:
+                        group["lr"] = base * factor
+                if graph is not None:
+                    graph.reset()  # the lrs are baked into a captured graph
             for _ in range(cfg.iters_per_epoch):
-                kd_sum = abr_sum = s_sum = 0.0
-                for _ in range(cfg.student_steps):
-                    with torch.no_grad(), autocast(device):
-                        x = sample()
-                        x_trig = paste_patch(x, gen_p(z()), *where())
-                        t_out = teacher(x)
-                    with autocast(device):
-                        s_out = student(x)
-                        loss_kd = F.l1_loss(s_out.float(), t_out.float())
-                        loss_abr = F.l1_loss(student(x_trig).float(), s_out.detach().float())
-                        loss_s = loss_kd + cfg.lam * loss_abr
-                    opt_s.zero_grad(set_to_none=True)
-                    loss_s.backward()
-                    opt_s.step()
-                    kd_sum, abr_sum, s_sum = kd_sum + loss_kd.detach(), abr_sum + loss_abr.detach(), s_sum + loss_s.detach()
-
-                for p in student_params:  # generator steps need input gradients only
-                    p.requires_grad_(False)
-                with autocast(device):
-                    x_norm = gen_x(z())
-                    x = (x_norm * std + mean).contiguous(memory_format=fmt)
-                    loss_g = -F.l1_loss(student(x).float(), teacher(x).float())
-                    if cfg.tv_weight:
-                        loss_g = loss_g + cfg.tv_weight * total_variation(x_norm.float())
-                opt_g.zero_grad(set_to_none=True)
-                loss_g.backward()
-                opt_g.step()
-
-                with torch.no_grad(), autocast(device):
-                    x = sample()
-                    s_clean = student(x)
-                with autocast(device):
-                    loss_p = -F.l1_loss(student(paste_patch(x, gen_p(z()), *where())).float(), s_clean.float())
-                opt_p.zero_grad(set_to_none=True)
-                loss_p.backward()
-                opt_p.step()
-                for p in student_params:
-                    p.requires_grad_(True)
-
-                n = cfg.student_steps
-                tracker.add(step, s_sum / n, kd_sum / n, abr_sum / n, loss_g, loss_p)
+                where = draw()
+                losses = graph() if graph is not None else iteration(noise, where)
+                tracker.add(step, *losses)
                 step += 1
             record = {"lr": cfg.lr * factor, "iterations": step, **tracker.close_epoch()}
             report_epoch(history, epoch + 1, student, on_epoch, record)
@@ -195,7 +264,12 @@ class DHBE(Defense):
         info = {"iterations": step, "epochs": cfg.epochs, "iters_per_epoch": cfg.iters_per_epoch,
                 "paper_iterations": PAPER_EPOCHS * PAPER_ITERS_PER_EPOCH,
                 "shortened": step < PAPER_EPOCHS * PAPER_ITERS_PER_EPOCH,
-                "generator_lr": g_lr, "trigger_lr": p_lr, "image_shape": [c, h, w]}
+                "generator_lr": g_lr, "trigger_lr": p_lr, "image_shape": [c, h, w], "execution": execution}
+        if graph is not None:
+            info["graph_captures"] = graph.captures
+            if graph.failed:
+                info["execution"] = "device"
+                info["graph_failed"] = graph.failed
         return DefenseResult(student, history, info)
 
 

@@ -4,7 +4,8 @@
   in a non-affine BatchNorm, so its output is zero-mean / unit-variance).
 - `TriggerGenerator` (Gp): noise -> a k x k x C patch in (-c, c) pixel units (tanh).
 - `paste_patch`: zero-pad a batch of patches to image size at one (top, left) for the
-  whole batch and add it in pixel space (no clamp).
+  whole batch and add it in pixel space (no clamp). `paste_patch_at` does the same with the
+  position as device tensors (gather + mask, no host value needed: CUDA-graph safe).
 """
 from __future__ import annotations
 
@@ -70,3 +71,16 @@ def paste_patch(x: torch.Tensor, patch: torch.Tensor, top: int, left: int) -> to
     h, w = x.shape[-2:]
     k_h, k_w = patch.shape[-2:]
     return x + F.pad(patch.to(x.dtype), (left, w - k_w - left, top, h - k_h - top))
+
+
+def paste_patch_at(x: torch.Tensor, patch: torch.Tensor, top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+    """`paste_patch` with (top, left) as 0-d integer tensors on x's device: the patch is
+    gathered onto the image grid and masked outside its k x k area. Same values and the same
+    gradient for the patch as `paste_patch`, without reading the position on the host."""
+    h, w = x.shape[-2:]
+    k_h, k_w = patch.shape[-2:]
+    rows = torch.arange(h, device=x.device) - top
+    cols = torch.arange(w, device=x.device) - left
+    inside = ((rows >= 0) & (rows < k_h)).view(h, 1) & ((cols >= 0) & (cols < k_w)).view(1, w)
+    placed = patch.to(x.dtype)[:, :, rows.clamp(0, k_h - 1)][:, :, :, cols.clamp(0, k_w - 1)]
+    return x + placed * inside
