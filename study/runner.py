@@ -81,12 +81,12 @@ def check_budgets(spec: StudySpec, victims: dict[int, dict]) -> None:
     for i, v in victims.items():
         for f in spec.fractions:
             try:
-                clean_subset(v["splits"], fraction=f, seed=0)
+                clean_subset(v["splits"], fraction=f, seed=0, rule=spec.clean_rule)
             except ValueError as err:
                 raise SpecError(f"clean.fractions: {f} on victims[{i}]: {err}") from err
         for s in spec.shots:
             try:
-                clean_subset(v["splits"], shots=s, seed=0)
+                clean_subset(v["splits"], shots=s, seed=0, rule=spec.clean_rule)
             except ValueError as err:
                 raise SpecError(f"clean.shots: {s} on victims[{i}]: {err}") from err
 
@@ -183,7 +183,7 @@ def run_optuna(spec: StudySpec, out: Path, state: dict, client, parent: str, vic
             salt = hashlib.sha256(json.dumps([spec.victims[vi].to_dict(), di]).encode()).hexdigest()[:8]
             base = {"trial_id": None, "id_salt": salt, "victim_index": vi, "defense": d.name, "config": d.config,
                     "axes": {}, "fields": d.fields, "clean_fraction": None, "shots": None,
-                    "subset_seed": spec.subset_seeds[0]}
+                    "subset_seed": spec.subset_seeds[0], "clean_rule": spec.clean_rule}
             already = sum(r["trial_id"].startswith(salt) for r in rows)
             remaining = args.num_samples - already
             if remaining <= 0:

@@ -1,14 +1,15 @@
 """Study specs: YAML in, validated `StudySpec` and its trial grid out.
 
     name: quick
-    victims:                       # VictimSpec fields (backdoor.victims)
+    victims:                       # VictimSpec fields (backdoor.victims), or a paper's recipe plus overrides
       - {dataset: digits, model: small_cnn, attack: badnets, attack_params: {trigger_size: 3}}
+      - {recipe: dhbe-badnets-3x3, pool_fraction: 0.1}      # backdoor.recipes.PAPER_VICTIMS
     defenses:
       - name: ft
         config: {epochs: 10}       # fixed overrides of the defence's config
         sweep:                     # axes (search_spaces.axes): generic (lr, lam, generator_size) or fields
           lr: {log: [0.002, 0.1, 3]}
-    clean: {fractions: [0.014], shots: [10], subset_seeds: [0, 1]}
+    clean: {fractions: [0.014], shots: [10], subset_seeds: [0, 1]}   # rule: balanced (default) | first
     resources: {cpu: 1, gpu: 0}    # per trial; fractional GPUs share a card
     tracking: {experiment: quick}  # MLflow experiment (default: the study name)
     failures: {max_retries: 2}     # a trial whose worker dies (node lost) runs again up to 2 times
@@ -29,7 +30,9 @@ from typing import Any
 
 import yaml
 
+from backdoor.data.splits import CLEAN_RULES
 from backdoor.defenses import DEFENSES, build_defense
+from backdoor.recipes import PAPER_VICTIMS, paper_victim
 from backdoor.victims import VictimSpec
 from search_spaces import Axis, config_field, parse_axis
 
@@ -68,6 +71,7 @@ class StudySpec:
     experiment: str = ""
     max_concurrent: int | None = None
     max_retries: int = 2           # re-runs of a trial whose actor died; an error inside a trial is recorded
+    clean_rule: str = "balanced"   # how clean subsets are drawn (backdoor.data.clean_subset)
     description: str = ""
     raw: dict = field(default_factory=dict)   # the spec as read (written back as study.yaml)
 
@@ -105,13 +109,15 @@ def expand_trials(spec: StudySpec) -> list[dict]:
                     for seed in spec.subset_seeds:
                         key = {"victim": victim.to_dict(), "defense": d.name, "config": config,
                                "clean_fraction": fraction, "shots": shots, "subset_seed": seed}
+                        if spec.clean_rule != "balanced" and d.needs_clean_data:
+                            key["clean_rule"] = spec.clean_rule  # (absent by default: ids of older studies hold)
                         trial_id = _trial_id(key)
                         if trial_id in seen:  # the same trial reached from two sweeps (e.g. a default value)
                             continue
                         seen.add(trial_id)
                         trials.append({"trial_id": trial_id, "victim_index": vi, "defense": d.name,
                                        "config": config, "axes": axes, "clean_fraction": fraction, "shots": shots,
-                                       "subset_seed": seed})
+                                       "subset_seed": seed, "clean_rule": spec.clean_rule})
     return trials
 
 
@@ -148,8 +154,15 @@ def parse_spec(raw: Any, source: str = "spec") -> StudySpec:
     for i, v in enumerate(raw_victims):
         if not isinstance(v, dict):
             raise SpecError(f"victims[{i}]: must be a mapping of VictimSpec fields, got {v!r}")
+        v = dict(v)
+        base = VictimSpec().to_dict()
+        if "recipe" in v:
+            recipe = v.pop("recipe")
+            if recipe not in PAPER_VICTIMS:
+                raise SpecError(f"victims[{i}].recipe: unknown recipe {recipe!r}; known: {sorted(PAPER_VICTIMS)}")
+            base = paper_victim(recipe).to_dict()
         try:
-            spec = VictimSpec.from_dict({**VictimSpec().to_dict(), **v})
+            spec = VictimSpec.from_dict({**base, **v})
             spec.validate()
         except (ValueError, TypeError) as err:
             raise SpecError(f"victims[{i}].{err}") from err
@@ -161,9 +174,14 @@ def parse_spec(raw: Any, source: str = "spec") -> StudySpec:
     defenses = [_parse_defense(d, f"defenses[{i}]", len(victims)) for i, d in enumerate(raw_defenses)]
 
     clean = raw.get("clean") or {}
-    if not isinstance(clean, dict) or set(clean) - {"fractions", "shots", "subset_seeds"}:
-        bad = sorted(set(clean) - {"fractions", "shots", "subset_seeds"}) if isinstance(clean, dict) else clean
-        raise SpecError(f"clean: keys are fractions, shots, subset_seeds; got {bad!r}")
+    clean_keys = {"fractions", "shots", "subset_seeds", "rule"}
+    if not isinstance(clean, dict) or set(clean) - clean_keys:
+        bad = sorted(set(clean) - clean_keys) if isinstance(clean, dict) else clean
+        raise SpecError(f"clean: keys are fractions, shots, subset_seeds, rule; got {bad!r}")
+    clean_rule = clean.get("rule", "balanced")
+    if clean_rule not in CLEAN_RULES:
+        raise SpecError(f"clean.rule: must be one of {list(CLEAN_RULES)} (balanced: class-balanced subsets; first: "
+                        f"NFT's first-of-a-shuffle rule), got {clean_rule!r}")
     fractions = _list(clean.get("fractions"), "clean.fractions",
                       lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
                       "a share of the training set in (0, 1]")
@@ -194,7 +212,7 @@ def parse_spec(raw: Any, source: str = "spec") -> StudySpec:
     if not (_int(max_retries) and max_retries >= 0):
         raise SpecError(f"failures.max_retries: must be an integer >= 0, got {max_retries!r}")
     return StudySpec(name=name, victims=victims, defenses=defenses, fractions=fractions, shots=shots,
-                     subset_seeds=seeds, cpu=float(cpu), gpu=float(gpu), max_retries=max_retries,
+                     subset_seeds=seeds, cpu=float(cpu), gpu=float(gpu), max_retries=max_retries, clean_rule=clean_rule,
                      experiment=tracking.get("experiment") or name, max_concurrent=max_concurrent,
                      description=str(raw.get("description", "")), raw=raw)
 

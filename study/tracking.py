@@ -115,7 +115,8 @@ class StudyRecorder(tune.Callback):
         full = dataclasses.asdict(build_defense(t["defense"], t["config"]).config)  # every field, defaults included
         params = {**_flat("", full), **_flat("victim.", spec_victim), "defense": t["defense"],
                   "clean_fraction": str(t["clean_fraction"]), "shots": str(t["shots"]),
-                  "subset_seed": str(t["subset_seed"]), **_flat("axis.", t["axes"])}
+                  "subset_seed": str(t["subset_seed"]), "clean_rule": t.get("clean_rule", "balanced"),
+                  **_flat("axis.", t["axes"])}
         self.client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
         self.open[trial.trial_id] = {"run_id": run.info.run_id, "trial": t, "epochs": [], "final": None,
                                      "config": full, "retries": 0}

@@ -107,6 +107,9 @@ def test_dry_run_prints_the_grid_and_its_size(tmp_path, capsys):
     ({"colour": "red"}, "colour: unknown key"),
     ({"failures": {"max_retries": -1}}, "failures.max_retries: must be an integer >= 0"),
     ({"failures": {"retries": 1}}, "failures: the only key is max_retries"),
+    ({"victims": [{"recipe": "dhbe-badnets-4x4"}]}, "victims[0].recipe: unknown recipe 'dhbe-badnets-4x4'"),
+    ({"victims": [{"recipe": "nft-badnets", "poison_count": 0}]}, "victims[0].poison_count"),
+    ({"clean": {"fractions": [0.02], "rule": "stratified"}}, "clean.rule: must be one of"),
 ])
 def test_bad_specs_are_refused_with_exit_code_2_naming_the_field(tmp_path, capsys, change, field):
     path = _write(tmp_path, _spec(**change))
@@ -136,6 +139,16 @@ def test_tracking_uri_and_tune_storage_defaults(tmp_path, monkeypatch):
     assert load_spec(config=path).max_retries == 2
 
 
+def test_recipe_victims_and_the_first_clean_rule_in_a_spec():
+    spec = parse_spec(_spec(victims=[{"recipe": "dhbe-badnets-3x3", "dataset": "digits", "model": "small_cnn"}]))
+    v = spec.victims[0]
+    assert (v.target, v.poison_count, v.model, v.milestones) == (9, 300, "small_cnn", [100, 150])
+    balanced = expand_trials(parse_spec(_spec()))
+    first = expand_trials(parse_spec(_spec(clean={"fractions": [0.02], "subset_seeds": [0], "rule": "first"})))
+    assert [t["clean_rule"] for t in first] == ["first", "first"] and balanced[0]["clean_rule"] == "balanced"
+    assert {t["trial_id"] for t in first}.isdisjoint(t["trial_id"] for t in balanced)
+
+
 def test_presets_are_valid_and_quick_has_what_the_quickstart_promises():
     quick = load_spec("quick")
     names = {d.name for d in quick.defenses}
@@ -144,6 +157,7 @@ def test_presets_are_valid_and_quick_has_what_the_quickstart_promises():
     assert len(quick.fractions) + len(quick.shots) >= 2 and len(quick.subset_seeds) >= 2
     paper = load_spec("paper-cifar10")
     assert paper.victims[0].dataset == "cifar10" and paper.fractions == [0.01, 0.04]
+    assert paper.victims[0].poison_count == 300 and [v.trigger_size for v in paper.victims] == [3, 1, 2, 5, 7]
     assert len(expand_trials(paper)) > 300
 
 

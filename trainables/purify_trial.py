@@ -50,6 +50,7 @@ def purify_trial(config: dict, victims: dict, base: dict | None = None, cpus_per
         victim = unpack_victim(victims[trial["victim_index"]], device="auto")
         out = run_defense(victim, trial["defense"], trial["config"], clean_fraction=trial["clean_fraction"],
                           shots=trial["shots"], subset_seed=trial["subset_seed"], seed=trial["subset_seed"],
+                          clean_rule=trial.get("clean_rule", "balanced"),
                           log=lambda m: None,
                           on_metrics=lambda epoch, m: tune.report({"epoch": epoch, **{k: m.get(k) for k in METRICS}}))
     except Exception as err:  # noqa: BLE001 - any failure is a result to record, not a crash of the study

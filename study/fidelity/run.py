@@ -1,0 +1,274 @@
+"""Run fidelity rows: victim (trained once, cached) -> defence at the paper's protocol ->
+before / after metrics -> verdict, written to `fidelity.json` and `fidelity.md` after every row.
+
+Ray, Optuna and MLflow are never imported here; MLflow is used only when a tracking URI is
+given and it imports. `fidelity.json` is the resume state: a row recorded there is skipped
+by the next run into the same directory (unless forced), so the table can be filled a row at
+a time and an interrupted run loses only the row it was in.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from backdoor.data import DatasetSplits, load_dataset
+from backdoor.purify import run_defense
+from backdoor.runtime import resolve_device
+from backdoor.victims import Victim, get_or_train
+
+from .rows import PRESETS, ROWS, Row, defense_config, victim_spec
+from .verdict import judge, judge_amplified, render_markdown
+
+STATE_FORMAT = 1
+KEPT_METRICS = ("acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9")
+
+
+class FidelityError(ValueError):
+    """Bad input: the message starts with the flag or file at fault (exit 2)."""
+
+
+@dataclass
+class Settings:
+    preset: str = "paper"
+    rows: list[str] | None = None
+    data_root: str | None = None
+    dataset: str = "auto"            # paper preset: "imagefolder" (JPEG folder), "cifar10" (torchvision) or auto
+    out: Path = Path("runs/fidelity")
+    cache_dir: str | None = None
+    device: str = "auto"
+    schedule_scale: float = 1.0
+    eval_every: int = 0              # evaluate every N epochs / rounds (0: about 10 times per run, and the last)
+    compile: str | None = "auto"     # torch.compile mode for victim training ("auto": reduce-overhead on CUDA)
+    nft_model: str | None = None     # NFT rows: "preact_resnet18" (the paper's table) instead of resnet18
+    mlflow_uri: str | None = None
+    force: bool = False
+
+
+def resolve_dataset(settings: Settings) -> tuple[str, str]:
+    """(dataset name, a description of the data) for the preset; raises FidelityError naming the flag."""
+    if settings.preset == "tiny":
+        return "digits", "digits (built in)"
+    if settings.data_root is None:
+        raise FidelityError("--data-root: the paper preset needs CIFAR-10: an image folder (root/train/<class>/*.jpg, "
+                            "root/test/<class>/*.jpg) or torchvision's copy (root/cifar-10-batches-py)")
+    root = Path(settings.data_root)
+    if not root.is_dir():
+        raise FidelityError(f"--data-root: {str(root)!r} does not exist or is not a directory")
+    dataset = settings.dataset
+    if dataset == "auto":
+        if (root / "train").is_dir() and (root / "test").is_dir():
+            dataset = "imagefolder"
+        elif (root / "cifar-10-batches-py").is_dir():
+            dataset = "cifar10"
+        else:
+            raise FidelityError(f"--data-root: {str(root)!r} holds neither an image folder (train/, test/) nor "
+                                "torchvision's cifar-10-batches-py/")
+    return dataset, f"{dataset} at {root}"
+
+
+def load_state(out: Path, header: dict) -> dict:
+    """The resume state in `out/fidelity.json`, or a new one; refuses a file from another
+    preset, data set or schedule scale (naming --out), so rows are never mixed or lost."""
+    path = out / "fidelity.json"
+    if out.exists() and not out.is_dir():
+        raise FidelityError(f"--out: {str(out)!r} is a file, not a directory")
+    if not path.exists():
+        return {**header, "format": STATE_FORMAT, "rows": {}, "failed": {}}
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FidelityError(f"--out: {str(path)!r} is not a readable fidelity.json ({err}); move it away or use "
+                            "another --out") from err
+    if not isinstance(state, dict) or not isinstance(state.get("rows"), dict):
+        raise FidelityError(f"--out: {str(path)!r} is not a fidelity.json (no rows); use another --out")
+    for key in ("preset", "schedule_scale", "dataset", "nft_model"):
+        if state.get(key) != header[key]:
+            raise FidelityError(f"--out: {str(out)!r} holds rows with {key} {state.get(key)!r}, this run has "
+                                f"{header[key]!r}; use another --out to keep both")
+    state.setdefault("failed", {})
+    return state
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_state(out: Path, state: dict) -> None:
+    state["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    _write(out / "fidelity.json", json.dumps(state, indent=2, default=str))
+    _write(out / "fidelity.md", render_markdown(state))
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+class _MLflow:
+    """One MLflow run per finished row (params, metrics, verdict tag) when a URI is given and
+    MLflow imports; otherwise nothing."""
+
+    def __init__(self, uri: str | None, log):
+        self.client = None
+        if uri is None:
+            return
+        try:
+            import mlflow
+        except ImportError:
+            log("warning: --mlflow-uri given but MLflow is not installed: rows are not logged to MLflow")
+            return
+        mlflow.set_tracking_uri(uri)
+        self.mlflow = mlflow
+        self.experiment = mlflow.set_experiment("fidelity").experiment_id
+        self.client = True
+
+    def row(self, rec: dict, out: Path) -> None:
+        if self.client is None:
+            return
+        mlflow = self.mlflow
+        with mlflow.start_run(experiment_id=self.experiment, run_name=rec["row"]):
+            mlflow.set_tags({"row": rec["row"], "verdict": rec["verdict"], "preset": rec["preset"]})
+            params = {"schedule_scale": rec["schedule_scale"], "defense": rec.get("defense"), "device": rec.get("device")}
+            if "victim" in rec:
+                params["victim_id"] = rec["victim"]["victim_id"]
+                params["config"] = json.dumps(rec.get("config", {}))[:500]
+            mlflow.log_params(params)
+            metrics = {}
+            for when in ("before", "after"):
+                for k, v in rec.get(when, {}).items():
+                    if isinstance(v, (int, float)):
+                        metrics[f"{when}_{k}"] = v
+            for k in ("delta_asr_after", "acc_drop", "delta_acc_drop", "seconds"):
+                if isinstance(rec.get(k), (int, float)):
+                    metrics[k] = rec[k]
+            mlflow.log_metrics(metrics)
+            mlflow.log_artifact(str(out / "fidelity.md"))
+
+
+def _evaluate_epochs(settings: Settings, row: Row, config: dict):
+    """Which epochs (rounds) a row evaluates: every `eval_every`, else about 10 per run; always the last."""
+    from backdoor.defenses import DEFENSES
+    import dataclasses
+
+    full = {**dataclasses.asdict(DEFENSES[row.defense].Config()), **config}
+    last = full["rounds"] if row.defense == "nft" else full["epochs"]
+    every = settings.eval_every or max(1, last // 10)
+    return lambda epoch: epoch == last or epoch % every == 0
+
+
+def run_fidelity(settings: Settings, log=print) -> int:
+    """Run the selected rows; returns the exit code (0 done, 1 a row failed)."""
+    from .rows import select_rows
+
+    rows = select_rows(settings.rows)
+    if settings.preset not in PRESETS:
+        raise FidelityError(f"--preset: unknown preset {settings.preset!r}; known: {sorted(PRESETS)}")
+    if not 0 < settings.schedule_scale <= 1:
+        raise FidelityError(f"--schedule-scale: must be in (0, 1], got {settings.schedule_scale}")
+    if settings.eval_every < 0:
+        raise FidelityError(f"--eval-every: must be >= 0, got {settings.eval_every}")
+    dataset, data_text = resolve_dataset(settings)
+    device = resolve_device(settings.device)
+    header = {"preset": settings.preset, "preset_description": PRESETS[settings.preset], "dataset": dataset,
+              "data": data_text, "schedule_scale": settings.schedule_scale, "nft_model": settings.nft_model}
+    out = Path(settings.out)
+    state = load_state(out, header)
+    state.update(header)
+    out.mkdir(parents=True, exist_ok=True)
+    tracker = _MLflow(settings.mlflow_uri, log)
+    compile_mode = settings.compile
+    if compile_mode == "auto":
+        compile_mode = "reduce-overhead" if device.type == "cuda" else None
+    splits_cache: dict[tuple, DatasetSplits] = {}
+    victims: dict[str, Victim] = {}
+    failed = 0
+    log(f"fidelity: preset {settings.preset}, {data_text}, device {_device_name(device)}, schedule scale "
+        f"{settings.schedule_scale:g}, {len(rows)} row(s) -> {out}")
+
+    for row in rows:
+        if row.id in state["rows"] and not settings.force:
+            log(f"row {row.id}: already in {out / 'fidelity.json'} ({state['rows'][row.id]['verdict']}), skipped")
+            continue
+        t0 = time.perf_counter()
+        try:
+            if row.defense is None:
+                missing = [r for r in row.derived_from if r not in state["rows"]]
+                if missing:
+                    raise RuntimeError(f"needs rows {missing}, which did not finish")
+                rec = {"row": row.id, "preset": settings.preset, "schedule_scale": settings.schedule_scale,
+                       **judge_amplified(row, state["rows"])}
+            else:
+                rec = _run_row(row, settings, dataset, device, compile_mode, splits_cache, victims, log)
+        except (KeyboardInterrupt, FidelityError):
+            raise
+        except Exception as err:  # noqa: BLE001 - a failed row is recorded; the other rows still run
+            failed += 1
+            state["failed"][row.id] = {"error": f"{type(err).__name__}: {err}"[:2000],
+                                       "traceback": traceback.format_exc()[-4000:]}
+            save_state(out, state)
+            log(f"row {row.id}: FAILED ({type(err).__name__}: {err})")
+            continue
+        rec["wall_seconds"] = time.perf_counter() - t0
+        state["rows"][row.id] = rec
+        state["failed"].pop(row.id, None)
+        save_state(out, state)
+        tracker.row(rec, out)
+        why = "; ".join(rec["reasons"])
+        log(f"row {row.id}: {rec['verdict'].upper()}{' - ' + why if why else ''} ({rec['wall_seconds']:.0f} s)")
+    save_state(out, state)
+    log(f"fidelity: {sum(r['verdict'] == 'reproduced' for r in state['rows'].values())} of {len(state['rows'])} "
+        f"recorded row(s) reproduced; {out / 'fidelity.md'}")
+    return 1 if failed else 0
+
+
+def _victim(row: Row, settings: Settings, dataset: str, device, compile_mode, splits_cache, victims, log) -> Victim:
+    spec = victim_spec(row, settings.preset, dataset, settings.schedule_scale, settings.nft_model)
+    key = json.dumps(spec.to_dict(), sort_keys=True)
+    if key not in victims:
+        split_key = (spec.dataset, spec.pool_fraction, spec.split_seed, spec.image_size)
+        if split_key not in splits_cache:
+            log(f"loading {spec.dataset} (defender pool {spec.pool_fraction or 'default'}) ...")
+            splits_cache[split_key] = load_dataset(spec.dataset, settings.data_root, pool_fraction=spec.pool_fraction,
+                                                   split_seed=spec.split_seed, image_size=spec.image_size)
+        victims[key] = get_or_train(spec, settings.cache_dir, data=splits_cache[split_key], device=device,
+                                    compile=compile_mode, log=log)
+    return victims[key]
+
+
+def _run_row(row: Row, settings: Settings, dataset: str, device, compile_mode, splits_cache, victims, log) -> dict:
+    victim = _victim(row, settings, dataset, device, compile_mode, splits_cache, victims, log)
+    config = defense_config(row, settings.preset, settings.schedule_scale)
+    log(f"row {row.id}: {row.defense} {json.dumps(config)} on victim {victim.victim_id} "
+        f"(ACC {victim.metrics['acc']:.2f}%, ASR {victim.metrics['asr']:.2f}%)"
+        + (f", clean {row.clean_fraction:g} ({row.clean_rule})" if row.clean_fraction else ", no data"))
+    out = run_defense(victim, row.defense, config, clean_fraction=row.clean_fraction, clean_rule=row.clean_rule,
+                      log=log, evaluate_epoch=_evaluate_epochs(settings, row, config))
+    before = {k: out["before"][k] for k in KEPT_METRICS if k in out["before"]}
+    after = {k: out["after"][k] for k in KEPT_METRICS if k in out["after"]}
+    history = [{k: h[k] for k in ("epoch", "acc", row.asr_metric) if k in h} for h in out["history"] if "acc" in h]
+    return {"row": row.id, "preset": settings.preset, "schedule_scale": settings.schedule_scale,
+            "source": row.source, "defense": row.defense, "config": out["info"]["config"],
+            "config_overrides": config, "clean_fraction": row.clean_fraction, "clean_rule": row.clean_rule,
+            "clean_images": out["clean_images"], "asr_metric": row.asr_metric,
+            "paper_before": row.paper_before, "paper_after": row.paper_after, "before": before, "after": after,
+            **judge(row, before, after), "history": history, "seconds": out["seconds"],
+            "info": {k: v for k, v in out["info"].items() if k not in ("config", "mask_bounds")},
+            "victim": {"recipe": row.victim, "victim_id": victim.victim_id, "spec": victim.spec.to_dict(),
+                       "metrics": victim.metrics, "from_cache": victim.from_cache,
+                       "train_seconds": victim.train_seconds},
+            "device": _device_name(device), "torch": torch.__version__, "python": sys.version.split()[0],
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+__all__ = ["FidelityError", "ROWS", "Settings", "run_fidelity"]
