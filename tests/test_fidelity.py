@@ -2,6 +2,7 @@
 failed rows, the verdict rule, schedule scaling, and bad input (exit 2 naming the flag)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +19,19 @@ BLOCK = ("import sys, runpy; [sys.modules.__setitem__(m, None) for m in ('ray', 
          "sys.argv[0] = 'study.fidelity'; runpy.run_module('study.fidelity', run_name='__main__')")
 
 
-def test_tiny_preset_writes_every_row_without_ray_mlflow_optuna(tmp_path):
-    out = tmp_path / "fid"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "BACKDOOR_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-c", BLOCK, "--preset", "tiny", "--out", str(out), "--mlflow-uri",
-                           f"sqlite:///{tmp_path / 'm.db'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The whole tiny preset, once, in a process where Ray, MLflow and Optuna cannot be imported."""
+    d = tmp_path_factory.mktemp("fidelity")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BACKDOOR_CACHE": str(d / "cache")}
+    proc = subprocess.run([sys.executable, "-c", BLOCK, "--preset", "tiny", "--out", str(d / "fid"), "--mlflow-uri",
+                           f"sqlite:///{d / 'm.db'}"], cwd=d, env=env, capture_output=True, text=True, timeout=300)
+    return d, proc
+
+
+def test_tiny_preset_writes_every_row_without_ray_mlflow_optuna(tiny):
+    d, proc = tiny
+    out = d / "fid"
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "MLflow is not installed" in proc.stdout
     state = json.loads((out / "fidelity.json").read_text())
@@ -41,17 +49,18 @@ def test_tiny_preset_writes_every_row_without_ray_mlflow_optuna(tmp_path):
     assert "| DHBE Table 3 | dhbe |" in md and "## Amplified triggers" in md and "compared, not accuracies" in md
 
 
-def test_resume_skips_recorded_rows_and_reruns_failed_ones(tmp_path, capsys, monkeypatch):
-    out = str(tmp_path / "fid")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert main(["--preset", "tiny", "--rows", "ft-badnets-3x3", "--out", out, "--mlflow-uri", uri]) == 0
-    first = json.loads((tmp_path / "fid" / "fidelity.json").read_text())["rows"]["ft-badnets-3x3"]
-    from mlflow.tracking import MlflowClient  # a row is an MLflow run when MLflow is there
-
-    client = MlflowClient(uri)
-    (run_info,) = client.search_runs([client.get_experiment_by_name("fidelity").experiment_id])
-    assert run_info.data.tags["verdict"] == first["verdict"] and run_info.data.tags["row"] == "ft-badnets-3x3"
-    assert run_info.data.metrics["after_acc"] == pytest.approx(first["after"]["acc"])
+def test_resume_skips_recorded_rows_and_reruns_failed_ones(tiny, tmp_path, capsys, monkeypatch):
+    """On a copy of the tiny run with one row taken out: recorded rows are skipped, a failing row is
+    recorded as failed (exit 1) without touching the others, and the next run completes it."""
+    d, proc = tiny
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.setenv("BACKDOOR_CACHE", str(d / "cache"))  # the victims trained by the tiny run
+    shutil.copytree(d / "fid", tmp_path / "fid")
+    path, out = tmp_path / "fid" / "fidelity.json", str(tmp_path / "fid")
+    state = json.loads(path.read_text())
+    first = state["rows"]["ft-badnets-3x3"]
+    del state["rows"]["nft-badnets"]
+    path.write_text(json.dumps(state))
 
     import study.fidelity.run as run
 
@@ -66,16 +75,24 @@ def test_resume_skips_recorded_rows_and_reruns_failed_ones(tmp_path, capsys, mon
     assert main(["--preset", "tiny", "--rows", "ft-badnets-3x3,nft-badnets", "--out", out]) == 1
     log = capsys.readouterr().out
     assert "row ft-badnets-3x3: already in" in log and "row nft-badnets: FAILED" in log
-    state = json.loads((tmp_path / "fid" / "fidelity.json").read_text())
+    state = json.loads(path.read_text())
     assert state["rows"]["ft-badnets-3x3"] == first  # a recorded row is neither re-run nor lost
     assert "simulated" in state["failed"]["nft-badnets"]["error"] and "nft-badnets" not in state["rows"]
     assert "failed (RuntimeError: out of memory (simulated))" in (tmp_path / "fid" / "fidelity.md").read_text()
 
     monkeypatch.setattr(run, "run_defense", real)
-    assert main(["--preset", "tiny", "--rows", "nft-badnets", "ft-badnets-3x3", "--out", out]) == 0
-    state = json.loads((tmp_path / "fid" / "fidelity.json").read_text())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["--preset", "tiny", "--rows", "nft-badnets", "ft-badnets-3x3", "--out", out, "--mlflow-uri", uri]) == 0
+    state = json.loads(path.read_text())
     assert state["rows"]["ft-badnets-3x3"] == first and "nft-badnets" in state["rows"] and not state["failed"]
     assert "nft-badnets: failed" not in (tmp_path / "fid" / "fidelity.md").read_text()
+    from mlflow.tracking import MlflowClient  # a finished row is an MLflow run when MLflow is there
+
+    client = MlflowClient(uri)
+    (logged,) = client.search_runs([client.get_experiment_by_name("fidelity").experiment_id])
+    nft = state["rows"]["nft-badnets"]
+    assert logged.data.tags["verdict"] == nft["verdict"] and logged.data.tags["row"] == "nft-badnets"
+    assert logged.data.metrics["after_acc"] == pytest.approx(nft["after"]["acc"])
 
 
 def test_derived_row_brings_the_rows_it_reads():
