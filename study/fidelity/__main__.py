@@ -6,9 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-from . import PRESETS, ROWS, FidelityError, Settings, run_fidelity, select_rows
+from . import PRESETS, ROWS, Settings, run_fidelity
 from .rows import defense_config, victim_spec
-from .run import resolve_dataset
+from .run import check_settings
 
 EPILOG = "rows:\n" + "\n".join(f"  {r.id:18s} {r.source}: {r.note}" for r in ROWS.values()) + """
 
@@ -61,20 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         if a.dry_run:
             return dry_run(settings, log)
         return run_fidelity(settings, log=log)
-    except FidelityError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:  # bad --rows, --schedule-scale, a victim field: named in the message
+    except ValueError as err:  # FidelityError, or a bad --rows name: the message names the flag
         print(f"error: {err}", file=sys.stderr)
         return 2
 
 
 def dry_run(settings: Settings, log) -> int:
     """What each selected row would run (victim spec, defence config, clean data), nothing more."""
-    rows = select_rows(settings.rows)
-    if not 0 < settings.schedule_scale <= 1:
-        raise FidelityError(f"--schedule-scale: must be in (0, 1], got {settings.schedule_scale}")
-    dataset, data_text = resolve_dataset(settings)
+    rows, dataset, data_text = check_settings(settings)
     log(f"fidelity (dry run): preset {settings.preset}, {data_text}, schedule scale {settings.schedule_scale:g}")
     for row in rows:
         if row.defense is None:

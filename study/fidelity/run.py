@@ -8,6 +8,7 @@ a time and an interrupted run loses only the row it was in.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -20,11 +21,12 @@ from pathlib import Path
 import torch
 
 from backdoor.data import DatasetSplits, load_dataset
+from backdoor.defenses import DEFENSES
 from backdoor.purify import run_defense
 from backdoor.runtime import resolve_device
 from backdoor.victims import Victim, get_or_train
 
-from .rows import PRESETS, ROWS, Row, defense_config, victim_spec
+from .rows import PRESETS, ROWS, Row, defense_config, select_rows, victim_spec
 from .verdict import judge, judge_amplified, render_markdown
 
 STATE_FORMAT = 1
@@ -120,7 +122,7 @@ class _MLflow:
     MLflow imports; otherwise nothing."""
 
     def __init__(self, uri: str | None, log):
-        self.client = None
+        self.mlflow = None
         if uri is None:
             return
         try:
@@ -131,12 +133,11 @@ class _MLflow:
         mlflow.set_tracking_uri(uri)
         self.mlflow = mlflow
         self.experiment = mlflow.set_experiment("fidelity").experiment_id
-        self.client = True
 
     def row(self, rec: dict, out: Path) -> None:
-        if self.client is None:
-            return
         mlflow = self.mlflow
+        if mlflow is None:
+            return
         with mlflow.start_run(experiment_id=self.experiment, run_name=rec["row"]):
             mlflow.set_tags({"row": rec["row"], "verdict": rec["verdict"], "preset": rec["preset"]})
             params = {"schedule_scale": rec["schedule_scale"], "defense": rec.get("defense"), "device": rec.get("device")}
@@ -158,19 +159,15 @@ class _MLflow:
 
 def _evaluate_epochs(settings: Settings, row: Row, config: dict):
     """Which epochs (rounds) a row evaluates: every `eval_every`, else about 10 per run; always the last."""
-    from backdoor.defenses import DEFENSES
-    import dataclasses
-
     full = {**dataclasses.asdict(DEFENSES[row.defense].Config()), **config}
     last = full["rounds"] if row.defense == "nft" else full["epochs"]
     every = settings.eval_every or max(1, last // 10)
     return lambda epoch: epoch == last or epoch % every == 0
 
 
-def run_fidelity(settings: Settings, log=print) -> int:
-    """Run the selected rows; returns the exit code (0 done, 1 a row failed)."""
-    from .rows import select_rows
-
+def check_settings(settings: Settings) -> tuple[list[Row], str, str]:
+    """The selected rows, the dataset name and a description of the data; bad input raises
+    `FidelityError` / `ValueError` naming the flag, before anything is written."""
     rows = select_rows(settings.rows)
     if settings.preset not in PRESETS:
         raise FidelityError(f"--preset: unknown preset {settings.preset!r}; known: {sorted(PRESETS)}")
@@ -178,7 +175,12 @@ def run_fidelity(settings: Settings, log=print) -> int:
         raise FidelityError(f"--schedule-scale: must be in (0, 1], got {settings.schedule_scale}")
     if settings.eval_every < 0:
         raise FidelityError(f"--eval-every: must be >= 0, got {settings.eval_every}")
-    dataset, data_text = resolve_dataset(settings)
+    return rows, *resolve_dataset(settings)
+
+
+def run_fidelity(settings: Settings, log=print) -> int:
+    """Run the selected rows; returns the exit code (0 done, 1 a row failed)."""
+    rows, dataset, data_text = check_settings(settings)
     device = resolve_device(settings.device)
     header = {"preset": settings.preset, "preset_description": PRESETS[settings.preset], "dataset": dataset,
               "data": data_text, "schedule_scale": settings.schedule_scale, "nft_model": settings.nft_model}
@@ -271,4 +273,4 @@ def _run_row(row: Row, settings: Settings, dataset: str, device, compile_mode, s
             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-__all__ = ["FidelityError", "ROWS", "Settings", "run_fidelity"]
+__all__ = ["FidelityError", "ROWS", "Settings", "check_settings", "run_fidelity"]
