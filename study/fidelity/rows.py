@@ -51,7 +51,9 @@ ROWS: dict[str, Row] = {r.id: r for r in [
     Row("fp-badnets-3x3", "DHBE Table 3", "dhbe-badnets-3x3", "fp", (94.75, 100.0), (91.91, 12.92),
         config={"lr": 0.01}, clean_fraction=0.04, asr_metric="asr_eq9", note=_BASELINE_NOTE),
     Row("nad-badnets-3x3", "DHBE Table 3", "dhbe-badnets-3x3", "nad", (94.75, 100.0), (90.75, 0.38),
-        config={"lr": 0.01}, clean_fraction=0.04, asr_metric="asr_eq9", note=_BASELINE_NOTE),
+        config={"lr": 0.01}, clean_fraction=0.04, asr_metric="asr_eq9",
+        note=_BASELINE_NOTE + "; NAD as baselines.md (attention on layer2-4, betas 500/1000/1000): the DHBE "
+             "appendix puts attention losses on all four residual blocks, weights stripped from our copy"),
     Row("amplified-3x3", "DHBE Table 6", "dhbe-badnets-3x3", None,
         derived_from=("ft-badnets-3x3", "fp-badnets-3x3", "nad-badnets-3x3", "dhbe-badnets-3x3"),
         paper_amplified={"ft": (2.64, 50.68, 93.08), "fp": (12.92, 92.88, 99.62), "nad": (0.38, 7.30, 12.92),
