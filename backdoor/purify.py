@@ -17,7 +17,7 @@ import json
 import sys
 import time
 
-from .data import clean_subset
+from .data import CLEAN_RULES, clean_subset
 from .defenses import DEFENSES, Defense, DefenseDiverged, build_defense
 from .metrics import correct_mask, evaluate
 from .victims import Victim, VictimSpec, get_or_train
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clean-fraction", type=float, default=None, help="clean data as a share of the training set")
     p.add_argument("--shots", type=int, default=None, help="clean images per class (instead of --clean-fraction)")
     p.add_argument("--subset-seed", type=int, default=0)
-    p.add_argument("--clean-rule", default="balanced", choices=["balanced", "first"],
+    p.add_argument("--clean-rule", default="balanced", choices=list(CLEAN_RULES),
                    help="balanced: class-balanced subset (default); first: the first images of a seeded shuffle "
                         "of the pool (NFT's reference rule)")
     p.add_argument("--seed", type=int, default=0, help="the defence's own randomness")

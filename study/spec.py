@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from backdoor.data.splits import CLEAN_RULES
+from backdoor.data import CLEAN_RULES
 from backdoor.defenses import DEFENSES, build_defense
 from backdoor.recipes import PAPER_VICTIMS, paper_victim
 from backdoor.victims import VictimSpec
