@@ -65,19 +65,25 @@ def test_baselines_run_on_cuda_under_bf16():
             assert torch.all(result.model.linear.weight[:, result.info["pruned_channels"]] == 0)
 
 
-def test_dhbe_graph_replay_matches_the_device_path():
-    """The captured iteration (CUDA graph, re-captured at each lr milestone) computes what the
-    same iteration computes eagerly on the device from the same seed (bf16: loose tolerance)."""
+def test_dhbe_graph_replay_tracks_the_device_path():
+    """The captured iteration (CUDA graph, re-captured at each lr milestone) is reproducible from
+    its seed and trains like the device path. Not equal to it: random draws inside a captured
+    graph come from the graph-safe Philox offsets, so the two paths see different samples
+    (measured on an H200: device vs graph weights differ by ~1.06x the norm, eager vs device by
+    ~0.94x, while each path repeats itself exactly)."""
     from backdoor.defenses import DHBE
 
     victim = build_model("resnet18", 10, 3, [0.5] * 3, [0.25] * 3)
     cfg = dict(epochs=5, iters_per_epoch=6, batch_size=32, lr_milestones=(0.6, 0.8))
-    runs = {ex: DHBE(**cfg, execution=ex).purify(victim, None, device="cuda", image_shape=(3, 32, 32), seed=0)
-            for ex in ("device", "graph")}
-    assert runs["graph"].info["execution"] == "graph", runs["graph"].info.get("graph_failed")
-    assert runs["graph"].info["graph_captures"] == 3  # one per lr phase
-    for a, b in zip(runs["device"].history, runs["graph"].history):
-        assert a["lr"] == b["lr"]
-        assert abs(a["loss_student"] - b["loss_student"]) <= 0.05 * abs(a["loss_student"]) + 1e-3
-    wa, wb = (r.model.state_dict()["linear.weight"].float() for r in runs.values())
-    assert (wa - wb).norm() <= 0.05 * wa.norm()
+    run = lambda ex: DHBE(**cfg, execution=ex).purify(victim, None, device="cuda",  # noqa: E731
+                                                     image_shape=(3, 32, 32), seed=0)
+    device, graph, again = run("device"), run("graph"), run("graph")
+    assert graph.info["execution"] == "graph", graph.info.get("graph_failed")
+    assert graph.info["graph_captures"] == 3  # one per lr phase
+    assert [h["loss_student"] for h in graph.history] == [h["loss_student"] for h in again.history]
+    assert [h["lr"] for h in graph.history] == [h["lr"] for h in device.history]
+    for r in (device, graph):  # both distil: the student's loss falls by an order of magnitude
+        losses = [h["loss_student"] for h in r.history]
+        assert losses[-1] <= 0.1 * losses[0], r.info["execution"]
+    last = device.history[-1]["loss_student"], graph.history[-1]["loss_student"]
+    assert max(last) <= 2.0 * min(last)
