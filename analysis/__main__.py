@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from .analyze import analyze
+from .failures import CollapseRule
 from .logistic import MIN_POINTS
 from .measures import SELECTIONS, Thresholds
 from .table import AnalysisError
@@ -28,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="logistic form: 4p (L, U, k, c) or 2p (L=0, U=100)")
     p.add_argument("--fit-min-acc", type=float, default=0.0,
                    help="leave trials below this ACC (%%, collapsed models) out of the curve fits (0: keep all)")
+    p.add_argument("--collapse-share", type=float, default=0.5,
+                   help="a trial whose most frequent predicted class takes this share of the test set is collapsed (0.5)")
+    p.add_argument("--collapse-acc", type=float, default=0.0,
+                   help="a trial below this ACC (%%) is collapsed too (0: the share rule alone)")
+    p.add_argument("--keep-collapsed", action="store_true", help="keep collapsed trials in the curve fits")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits per curve (0: no bands) (200)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
     p.add_argument("--no-plots", action="store_true", help="fits and report only")
@@ -36,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         th = Thresholds(safe_asr=a.safe_asr, safe_drop=a.safe_drop, selection=a.selection)
         if a.bootstrap < 0:
             raise ValueError(f"--bootstrap: {a.bootstrap} must be >= 0")
+        collapse = CollapseRule(share=a.collapse_share, min_acc=a.collapse_acc)
         out = analyze(a.directory, thresholds=th, form=a.form, n_boot=a.bootstrap, seed=a.seed,
-                      fit_min_acc=a.fit_min_acc, make_plots=not a.no_plots, log=lambda m: print(m, flush=True))
+                      fit_min_acc=a.fit_min_acc, collapse=collapse, keep_collapsed=a.keep_collapsed, make_plots=not a.no_plots, log=lambda m: print(m, flush=True))
     except (AnalysisError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

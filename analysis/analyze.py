@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import plots
+from .failures import CollapseRule, label_trials, what_went_wrong
 from .logistic import LogisticFit, fit_logistic
 from .measures import Thresholds, groups, rank, summarize
 from .report import write_report
@@ -21,12 +22,16 @@ from .table import load_epochs, load_results, swept_axes
 
 
 def fit_all(df: pd.DataFrame, *, form: str, n_boot: int, seed: int,
-            min_acc: float = 0.0) -> dict[tuple[str, str], LogisticFit]:
+            min_acc: float = 0.0, exclude: pd.Series | None = None) -> dict[tuple[str, str], LogisticFit]:
     """One logistic fit per (defence, budget) group, pooled budgets included. Trials below
-    `min_acc` (collapsed models, off the trade-off curve) can be left out of the fits."""
+    `min_acc`, and those `exclude` marks (collapsed models, off the trade-off curve), are left
+    out of the fits."""
     fits = {}
     for defense, budget, rows in groups(df):
-        done = rows[(rows["status"] == "finished") & (rows["acc"] >= min_acc)]
+        keep = (rows["status"] == "finished") & (rows["acc"] >= min_acc)
+        if exclude is not None:
+            keep &= ~exclude[rows.index]
+        done = rows[keep]
         fits[(defense, budget)] = fit_logistic(done["acc"], done["asr"], form=form, n_boot=n_boot, seed=seed)
     return fits
 
@@ -50,12 +55,16 @@ def axis_plots(df: pd.DataFrame, palette: dict, plot_dir: Path) -> dict[str, Pat
 
 
 def measure_study(df: pd.DataFrame, *, thresholds: Thresholds = Thresholds(), form: str = "4p", n_boot: int = 200,
-                  seed: int = 0, fit_min_acc: float = 0.0) -> tuple[dict, list[dict], list[dict]]:
+                  seed: int = 0, fit_min_acc: float = 0.0, collapse: CollapseRule = CollapseRule(),
+                  keep_collapsed: bool = False) -> tuple[dict, list[dict], list[dict]]:
     """Fits, per-(defence, budget) measures and the ranking of a trial table; writes nothing
-    (a regression run compares these without touching the study's report)."""
+    (a regression run compares these without touching the study's report). Collapsed trials
+    (`analysis.failures`) are left out of the fits unless `keep_collapsed`."""
     if not 0 <= fit_min_acc < 100:
         raise ValueError(f"fit_min_acc: {fit_min_acc} must be in [0, 100)")
-    fits = fit_all(df, form=form, n_boot=n_boot, seed=seed, min_acc=fit_min_acc)
+    labels = label_trials(df, thresholds, collapse)
+    fits = fit_all(df, form=form, n_boot=n_boot, seed=seed, min_acc=fit_min_acc,
+                   exclude=None if keep_collapsed else labels == "collapsed")
     summaries = []
     for defense, budget, rows in groups(df):
         fit = fits[(defense, budget)]
@@ -67,7 +76,8 @@ def measure_study(df: pd.DataFrame, *, thresholds: Thresholds = Thresholds(), fo
 
 
 def analyze(directory: str | Path, *, thresholds: Thresholds = Thresholds(), form: str = "4p", n_boot: int = 200,
-            seed: int = 0, fit_min_acc: float = 0.0, make_plots: bool = True, log=print) -> dict:
+            seed: int = 0, fit_min_acc: float = 0.0, collapse: CollapseRule = CollapseRule(),
+            keep_collapsed: bool = False, make_plots: bool = True, log=print) -> dict:
     """Rebuild fits.json, report.md and plots/ of a study directory from its results.csv (and
     epochs.csv when present). Returns {'files': [...], 'ranking': [...], 'summaries': [...]}."""
     directory = Path(directory)
@@ -77,7 +87,11 @@ def analyze(directory: str | Path, *, thresholds: Thresholds = Thresholds(), for
     log(f"analysis: {len(df)} trials ({int((df['status'] == 'finished').sum())} finished) from "
         f"{directory / 'results.csv'}")
     fits, summaries, ranking = measure_study(df, thresholds=thresholds, form=form, n_boot=n_boot, seed=seed,
-                                             fit_min_acc=fit_min_acc)
+                                             fit_min_acc=fit_min_acc, collapse=collapse,
+                                             keep_collapsed=keep_collapsed)
+    labels = label_trials(df, thresholds, collapse)
+    log("analysis: " + ", ".join(f"{n} {k}" for k, n in labels.value_counts().items()))
+    log("What went wrong:\n" + what_went_wrong(df, labels))
     log(f"analysis: {len(fits)} fits ({sum(f.degenerate for f in fits.values())} degenerate), "
         f"{time.perf_counter() - t0:.1f} s")
 
@@ -97,16 +111,18 @@ def analyze(directory: str | Path, *, thresholds: Thresholds = Thresholds(), for
     fits_path = directory / "fits.json"
     fits_path.write_text(json.dumps(
         {"thresholds": dataclasses.asdict(thresholds), "fit_min_acc": fit_min_acc,
+         "collapse": dataclasses.asdict(collapse), "collapsed_in_fits": keep_collapsed,
          "fits": [{"defense": d, "budget": b, **f.to_dict(),
                    "acc_at_safe_asr": _json_float(f.acc_at_asr(thresholds.safe_asr)),
                    "crossing": f.crossing(thresholds.safe_asr)}
                   for (d, b), f in fits.items()]}, indent=2))
     report_path = write_report(directory, df, summaries, ranking, fits, figures, thresholds,
-                               has_epochs=epochs is not None, fit_min_acc=fit_min_acc)
+                               has_epochs=epochs is not None, fit_min_acc=fit_min_acc, labels=labels,
+                               keep_collapsed=keep_collapsed)
     files = [fits_path, report_path, *figures.values()]
     log(f"analysis: wrote {', '.join(str(p.relative_to(directory)) for p in files)} "
         f"({time.perf_counter() - t0:.1f} s)")
-    return {"files": files, "ranking": ranking, "summaries": summaries, "fits": fits}
+    return {"files": files, "ranking": ranking, "summaries": summaries, "fits": fits, "labels": labels}
 
 
 def _json_float(v: float) -> float | None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .failures import what_went_wrong
 from .logistic import LogisticFit
 from .measures import Thresholds
 from .measures import __doc__ as MEASURES_DOC
@@ -46,7 +47,8 @@ def _study(directory: Path, df: pd.DataFrame) -> str:
 
 def write_report(directory: Path, df: pd.DataFrame, summaries: list[dict], ranking: list[dict],
                  fits: dict[tuple[str, str], LogisticFit], figures: dict[str, Path], th: Thresholds,
-                 has_epochs: bool, fit_min_acc: float = 0.0) -> Path:
+                 has_epochs: bool, fit_min_acc: float = 0.0, labels: pd.Series | None = None,
+                 keep_collapsed: bool = False) -> Path:
     level = f"{th.safe_asr:g}%"
     name = df["victim_id"].iloc[0].split("-")[0] if "victim_id" in df.columns else directory.name
     fig = lambda key, alt: f"![{alt}]({figures[key].relative_to(directory).as_posix()})" if key in figures else None  # noqa: E731
@@ -63,6 +65,12 @@ def write_report(directory: Path, df: pd.DataFrame, summaries: list[dict], ranki
         [[str(s["rank"]), s["defense"], f"{s['trials']}" + (f" ({s['failed']} failed)" if s["failed"] else ""),
           _f(s["safe_share"], pct=True), f"{_f(s['pick_asr'])} / {_f(s['pick_asr_max'])}", _f(s["pick_acc"]),
           _f(s["worst_asr"]), _f(s["mean_acc"]), _f(s["mean_asr"]), _acc_at(s)] for s in ranking]))
+    if labels is not None:
+        parts += ["", "## What went wrong", "",
+                  "Each finished trial is *collapsed* (one class takes >= half the test predictions, or ACC under "
+                  "the floor), *not purified* (ASR above the safe level), *too costly* (safe ASR, ACC drop above the "
+                  "safe drop) or *safe*. Diagnostics are the trial's last epoch (`results.csv`; per epoch in "
+                  "`epochs.csv` and MLflow).", "", what_went_wrong(df, labels)]
     parts += ["", "## Per data budget", ""]
     parts.append(_table(
         ["defence", "clean data", "trials", "mean ACC", "mean ACC drop", "mean ASR", "worst ASR", "safe share",
@@ -83,7 +91,7 @@ def write_report(directory: Path, df: pd.DataFrame, summaries: list[dict], ranki
               f"{_f(next(iter(fits.values())).level * 100, 0)}% bootstrap intervals. Every fit is also in "
               "`fits.json`." + (f" Trials with ACC below {fit_min_acc:g}% are left out of the fits "
                                 f"({int(((df['status'] == 'finished') & (df['acc'] < fit_min_acc)).sum())} trials)."
-                                if fit_min_acc > 0 else ""), ""]
+                                if fit_min_acc > 0 else "") + _collapsed_note(labels, keep_collapsed), ""]
     parts.append(_table(["defence", "clean data", "n", "L", "U", "k", "c", "RMSE", f"ACC at ASR {level}", "note"],
                         [_fit_row(d, b, f, th) for (d, b), f in fits.items()]))
     parts += ["", fig("tradeoff", "ACC-ASR trade-off") or ""]
@@ -101,6 +109,15 @@ def write_report(directory: Path, df: pd.DataFrame, summaries: list[dict], ranki
     path = directory / "report.md"
     path.write_text("\n".join(p for p in parts if p is not None) + "\n")
     return path
+
+
+def _collapsed_note(labels: pd.Series | None, keep: bool) -> str:
+    if labels is None:
+        return ""
+    n = int((labels == "collapsed").sum())
+    if keep:
+        return f" Collapsed trials are kept in the fits ({n} trials, `--keep-collapsed`)."
+    return f" Collapsed trials are left out of the fits ({n} trials; `--keep-collapsed` keeps them)."
 
 
 def _configs(picked: list[str], most: int = 3) -> str:

@@ -11,7 +11,11 @@ import numpy as np
 import pandas as pd
 
 REQUIRED = ("trial_id", "defense", "status", "acc", "asr", "acc_drop")
-NUMERIC = ("acc", "asr", "acc_drop", "asr_x4", "asr_x9", "asr_eq9", "ra", "acc_before", "asr_before")
+# The scalar diagnostics a study records (`backdoor.diagnostics.SUMMARY_KEYS`; kept equal by a test).
+DIAGNOSTICS = ("top_class", "top_share", "class_acc_min", "class_acc_max", "teacher_top_class",
+               "teacher_top_share", "teacher_entropy", "teacher_top_is_target", "bn_drift_max",
+               "update_ratio_max", "weight_drift", "mask_mean", "mask_min", "mask_trigger_corr")
+NUMERIC = ("acc", "asr", "acc_drop", "asr_x4", "asr_x9", "asr_eq9", "ra", "acc_before", "asr_before", *DIAGNOSTICS)
 EPOCH_REQUIRED = ("trial_id", "epoch", "acc", "asr")
 # Columns that describe a trial but are not hyperparameter axes.
 NOT_AXES = {"trial_id", "defense", "victim_id", "attack", "status", "mlflow_run_id", "error", "subset_seed",
@@ -127,6 +131,6 @@ def load_epochs(path: str | Path) -> pd.DataFrame | None:
     missing = [c for c in EPOCH_REQUIRED if c not in df.columns]
     if missing:
         raise AnalysisError(f"{path}: missing required column(s) {', '.join(map(repr, missing))}")
-    for c in [c for c in df.columns if c != "trial_id"]:
+    for c in [c for c in df.columns if c not in ("trial_id", "per_stage")]:  # per_stage: a JSON cell
         df[c] = _numeric(df, c, path)
     return df.drop_duplicates(["trial_id", "epoch"], keep="last").reset_index(drop=True)

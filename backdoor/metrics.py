@@ -6,6 +6,8 @@
   classifies correctly when clean (defaults to the evaluated model itself).
 - ra: robust accuracy, share of triggered non-target images still given their true label.
 - asr_x4 / asr_x9: headline ASR with the patch pasted 4 / 9 times (patch attacks only).
+- top_class / top_share / class_acc_min / class_acc_max: collapse and per-class accuracy
+  (`backdoor.diagnostics.prediction_summary`), from the same clean predictions.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from torch import nn
 
 from .attacks import Attack
 from .data.images import ImageSet, to_float
+from .diagnostics import prediction_summary
 from .runtime import autocast, memory_format
 
 
@@ -39,6 +42,9 @@ def evaluate(model: nn.Module, test: ImageSet, attack: Attack | None = None, *, 
     n_views = 1 + (attack is not None) + len(copies)
     # counts: correct, non-target, non-target->target, eq9 base, eq9->target, robust, amplified...
     counts = torch.zeros(6 + len(copies), dtype=torch.long, device=device)
+    n_classes = int(test.y.max()) + 1 if len(test) else 1
+    # per class: predicted as it, correct, present (clean images)
+    per_class = torch.zeros(3, n_classes, dtype=torch.long, device=device)
     for start in range(0, len(test), batch_size):
         x = to_float(test.x[start : start + batch_size])
         y = test.y[start : start + batch_size]
@@ -49,6 +55,9 @@ def evaluate(model: nn.Module, test: ImageSet, attack: Attack | None = None, *, 
         pred = predict(model, torch.cat(views), device).view(n_views, -1)
         correct = pred[0] == y
         counts[0] += correct.sum()
+        per_class[0] += torch.bincount(pred[0].clamp(max=n_classes - 1), minlength=n_classes)
+        per_class[1] += torch.bincount(y[correct], minlength=n_classes)
+        per_class[2] += torch.bincount(y, minlength=n_classes)
         if attack is None:
             continue
         t = attack.target
@@ -63,9 +72,9 @@ def evaluate(model: nn.Module, test: ImageSet, attack: Attack | None = None, *, 
         for i in range(len(copies)):
             counts[6 + i] += (nontarget & (pred[2 + i] == t)).sum()
     model.train(was_training)
-    c = counts.tolist()  # the one host sync
+    c = counts.tolist()  # the one host sync (plus the per-class counts)
     pct = lambda num, den: 100.0 * num / den if den else float("nan")  # noqa: E731
-    out = {"acc": pct(c[0], len(test))}
+    out = {"acc": pct(c[0], len(test)), **prediction_summary(*per_class.cpu())}
     if attack is not None:
         out["asr"] = pct(c[2], c[1])
         out["asr_eq9"] = pct(c[4], c[3])

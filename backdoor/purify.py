@@ -17,8 +17,9 @@ import json
 import sys
 import time
 
-from .data import CLEAN_RULES, clean_subset
+from .data import CLEAN_RULES, ImageSet, clean_subset
 from .defenses import DEFENSES, Defense, DefenseDiverged, build_defense
+from .diagnostics import is_diagnostic, mask_trigger_correlation, masks_of, trigger_response, weight_drift
 from .metrics import correct_mask, evaluate
 from .victims import Victim, VictimSpec, get_or_train
 
@@ -26,12 +27,14 @@ from .victims import Victim, VictimSpec, get_or_train
 def run_defense(victim: Victim, defense: str | Defense, defense_config: dict | None = None, *,
                 clean_fraction: float | None = None, shots: int | None = None, subset_seed: int = 0,
                 clean_rule: str = "balanced", seed: int = 0, log=print, on_metrics=None,
-                evaluate_epoch=None) -> dict:
+                evaluate_epoch=None, diagnostics: bool = True) -> dict:
     """Purify `victim` with one defence (a name plus config overrides, or a built `Defense`)
     and return before/after metrics, history and timing. `on_metrics(epoch, metrics)` gets
-    every epoch's ACC / ASR (a study streams them to Ray Tune). `clean_rule`: how the clean
-    subset is drawn (`backdoor.data.clean_subset`). `evaluate_epoch(epoch)`: whether to
-    evaluate after that epoch (default: every epoch); the last epoch is always evaluated."""
+    every evaluated epoch's ACC / ASR and diagnostics (a study streams them to Ray Tune).
+    `clean_rule`: how the clean subset is drawn (`backdoor.data.clean_subset`).
+    `evaluate_epoch(epoch)`: whether to evaluate after that epoch (default: every epoch); the
+    last epoch is always evaluated. `diagnostics`: record `backdoor.diagnostics` per epoch, the
+    defence's own and the evaluation side's (which may use the test set and the trigger)."""
     if isinstance(defense, str):
         defense = build_defense(defense, defense_config)
     defense = defense.with_known_target(victim.attack.target)  # NC's known-target protocol
@@ -43,27 +46,58 @@ def run_defense(victim: Victim, defense: str | Defense, defense_config: dict | N
         data = clean_subset(victim.splits, fraction=clean_fraction, shots=shots, seed=subset_seed, rule=clean_rule)
     reference = correct_mask(victim.model, victim.splits.test)
     before = evaluate(victim.model, victim.splits.test, victim.attack, reference_correct=reference)
+    probe = EvaluationDiagnostics(victim) if diagnostics else None
     t0 = time.perf_counter()
 
-    def on_epoch(epoch: int, model) -> dict | None:
+    def on_epoch(epoch: int, model, record: dict) -> dict | None:
         if evaluate_epoch is not None and not evaluate_epoch(epoch):
             return None
         m = evaluate(model, victim.splits.test, victim.attack, reference_correct=reference)
+        if probe is not None:
+            m.update(probe(model, record))
         log(f"  {defense_name} epoch {epoch}: ACC {m['acc']:.2f}%  ASR {m['asr']:.2f}%  "
             f"({time.perf_counter() - t0:.1f} s)")
         if on_metrics is not None:
-            on_metrics(epoch, m)
+            on_metrics(epoch, {**{k: v for k, v in record.items() if is_diagnostic(k)}, **m})
         return m
 
     result = defense.purify(victim.model, data, device=victim.splits.test.device,
                             image_shape=victim.splits.image_shape, augment=victim.splits.augment,
-                            on_epoch=on_epoch, seed=seed)
+                            on_epoch=on_epoch, seed=seed, diagnostics=diagnostics)
     last = result.history[-1] if result.history else {}
     after = last if "acc" in last else evaluate(result.model, victim.splits.test, victim.attack,
                                                 reference_correct=reference)
     return {"defense": defense_name, "victim_id": victim.victim_id, "clean_images": 0 if data is None else len(data),
-            "before": before, "after": {k: after[k] for k in before}, "seconds": result.info["seconds"],
-            "info": result.info, "history": result.history}
+            "before": before, "after": {k: after[k] for k in before},
+            "diagnostics": {k: v for k, v in last.items() if is_diagnostic(k)},
+            "seconds": result.info["seconds"], "info": result.info, "history": result.history}
+
+
+class EvaluationDiagnostics:
+    """The evaluation side's diagnostics of one epoch (it may use the test set and the trigger;
+    the defence never does): whether the teacher's top label is the attack's target (DHBE),
+    the weights' distance from the victim, and for a masked model the rank correlation of
+    masks with the victim's per-channel trigger response (computed once)."""
+
+    def __init__(self, victim: Victim):
+        self.victim = victim
+        self.response: dict | None = None
+
+    def __call__(self, model, record: dict) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if "teacher_top_class" in record:
+            out["teacher_top_is_target"] = float(int(record["teacher_top_class"]) == self.victim.attack.target)
+        masks = masks_of(model)
+        if masks:
+            if self.response is None:
+                test, target = self.victim.splits.test, self.victim.attack.target
+                keep = test.y != target
+                self.response = trigger_response(self.victim.model, list(masks), ImageSet(test.x[keep], test.y[keep]),
+                                                 self.victim.attack)
+            out["mask_trigger_corr"] = mask_trigger_correlation(masks, self.response)
+        else:
+            out.update(weight_drift(model, self.victim.model))
+        return out
 
 
 def main(argv: list[str] | None = None) -> int:

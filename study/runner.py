@@ -19,7 +19,8 @@ from trainables.purify_trial import purify_trial, resolve_trial
 from trainables.victim_stage import victim_task
 
 from .spec import SpecError, StudySpec
-from .tracking import EPOCH_COLUMNS, ResultsFile, StudyRecorder, read_results, result_columns
+from .tracking import (EPOCH_COLUMNS, EXPERIMENT_KIND, ResultsFile, StudyRecorder, mark_experiment_kind,
+                       read_results, result_columns)
 
 
 def tune_storage(storage_path: str | None, out: Path) -> str:
@@ -38,7 +39,11 @@ def start_tracking(spec: StudySpec, out: Path, state: dict, done_ids: set[str], 
     mlflow.set_tracking_uri(state["tracking_uri"])
     client = MlflowClient(state["tracking_uri"])
     exp = client.get_experiment_by_name(spec.experiment)
-    experiment_id = exp.experiment_id if exp is not None else client.create_experiment(spec.experiment)
+    if exp is None:
+        experiment_id = client.create_experiment(spec.experiment, tags=EXPERIMENT_KIND)
+    else:  # an older experiment (or one made elsewhere): tag it so MLflow's UI opens on its runs
+        experiment_id = exp.experiment_id
+        mark_experiment_kind(client, exp)
     if state.get("parent_run_id"):
         parent = state["parent_run_id"]
         client.update_run(parent, status="RUNNING")

@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"study {spec.name!r} done in {time.perf_counter() - t0:.0f} s: {len(rows)} trials recorded in "
         f"{out / 'results.csv'} ({n_failed} failed); MLflow: {state['tracking_uri']} experiment "
         f"{spec.experiment!r}, parent run {state['parent_run_id']}")
+    log(f"see the runs: mlflow ui --backend-store-uri {state['tracking_uri']}, then open "
+        f"http://127.0.0.1:5000/#/experiments/{state['experiment_id']}?workflowType=machine_learning")
     return 1 if n_failed or failed else 0
 
 

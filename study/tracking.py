@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from backdoor.defenses import build_defense
+from backdoor.diagnostics import SUMMARY_KEYS, is_diagnostic
 from search_spaces import GENERIC_AXES
 
 from .spec import StudySpec
@@ -30,8 +31,9 @@ from .spec import StudySpec
 BASE_COLUMNS = ["trial_id", "defense", "victim_id", "attack", "trigger_size", "lr", "lam", "clean_fraction",
                 "generator_size", "subset_seed", "acc", "asr", "acc_drop", "status", "mlflow_run_id"]
 EXTRA_COLUMNS = ["asr_eq9", "ra", "asr_x4", "asr_x9", "acc_before", "asr_before", "shots", "clean_images",
-                 "seconds", "trial_seconds", "error", "node_id", "node_ip", "retries"]
-EPOCH_COLUMNS = ["trial_id", "epoch", "acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9"]
+                 "seconds", "trial_seconds", "error", "node_id", "node_ip", "retries", *SUMMARY_KEYS]
+EPOCH_COLUMNS = ["trial_id", "epoch", "acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9", *SUMMARY_KEYS,
+                 "per_stage"]  # per_stage: JSON of the per-stage / per-layer diagnostics
 FINAL_METRICS = ("acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9", "acc_before", "asr_before", "acc_drop",
                  "seconds", "trial_seconds", "clean_images")
 
@@ -83,8 +85,51 @@ def _flat(prefix: str, d: dict) -> dict[str, str]:
     return {f"{prefix}{k}": json.dumps(v) if isinstance(v, (list, dict, tuple)) else str(v) for k, v in d.items()}
 
 
+def _epoch_row(result: dict, trial_id: str) -> dict:
+    """An epochs.csv row: the scalar columns, and the per-stage diagnostics as one JSON cell."""
+    per_stage = {k: v for k, v in result.items() if is_diagnostic(k) and k not in SUMMARY_KEYS}
+    return {**result, "trial_id": trial_id, "per_stage": json.dumps(per_stage) if per_stage else ""}
+
+
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# What the experiment is, for MLflow 3's UI (it uses the tag to pick a runs page over the GenAI Traces page
+# in some 3.x versions; 3.17 instead follows the UI's GenAI / Model training toggle, which
+# `?workflowType=machine_learning` in the URL sets)
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def mark_experiment_kind(client: MlflowClient, experiment) -> None:
+    """Give an existing experiment (one created before the tag, or by other code) the
+    EXPERIMENT_KIND tag; no-op if it already has it."""
+    ((key, value),) = EXPERIMENT_KIND.items()
+    if experiment.tags.get(key) != value:
+        client.set_experiment_tag(experiment.experiment_id, key, value)
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.2g}"
+    if isinstance(v, (list, tuple)):
+        return "x".join(_short(x) for x in v)
+    return str(v)
+
+
+def run_name(trial: dict) -> str:
+    """A child run's name, saying what the trial is: defence, each swept axis value (2
+    significant digits), the clean budget and the subset seed, e.g. `ft lr=0.014 2% s0`,
+    `nad lr=0.01 10 shots s1`, `dhbe lr=0.1 s0` (data-free). The trial id is a tag."""
+    parts = [str(trial["defense"])] + [f"{k}={_short(v)}" for k, v in (trial.get("axes") or {}).items()]
+    if trial.get("clean_fraction") is not None:
+        parts.append(f"{float(trial['clean_fraction']) * 100:.3g}%")
+    elif trial.get("shots") is not None:
+        parts.append(f"{trial['shots']} shots")
+    if trial.get("subset_seed") is not None:
+        parts.append(f"s{trial['subset_seed']}")
+    name = " ".join(parts)
+    return name if len(name) < 100 else name[:96] + "..."
 
 
 class StudyRecorder(tune.Callback):
@@ -108,7 +153,7 @@ class StudyRecorder(tune.Callback):
         t = self.resolve(trial.config)
         v = self.victims[t["victim_index"]]
         spec_victim = v["spec"]
-        tags = {"mlflow.parentRunId": self.parent_run_id, "mlflow.runName": f"{t['defense']}-{t['trial_id']}",
+        tags = {"mlflow.parentRunId": self.parent_run_id, "mlflow.runName": run_name(t),
                 "defense": t["defense"], "attack": spec_victim["attack"], "victim_id": v["victim_id"],
                 "trial_id": t["trial_id"], "study": self.spec.name}
         run = self.client.create_run(self.experiment_id, tags=tags)
@@ -156,8 +201,8 @@ class StudyRecorder(tune.Callback):
         status = "failed" if crash or final.get("status") != "finished" else "finished"
         error = crash or final.get("error", "" if status == "finished" else "trial ended without a final report")
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(r[k]), now, int(r["epoch"])) for r in rec["epochs"]
-                   for k in ("acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9") if _finite(r.get(k))]
+        metrics = [Metric(k, float(v), now, int(r["epoch"])) for r in rec["epochs"] for k, v in r.items()
+                   if (k in ("acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9") or is_diagnostic(k)) and _finite(v)]
         if status == "finished":
             final = {**final, "acc_drop": final["acc_before"] - final["acc"]}
             metrics += [Metric(f"final_{k}", float(final[k]), now, 0) for k in FINAL_METRICS if _finite(final.get(k))]
@@ -168,7 +213,7 @@ class StudyRecorder(tune.Callback):
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.set_terminated(run_id, status="FINISHED" if status == "finished" else "FAILED")
         if rec["epochs"]:  # before the results row: a trial in results.csv always has its epochs
-            self.epochs.append(*({**r, "trial_id": t["trial_id"]} for r in rec["epochs"]))
+            self.epochs.append(*(_epoch_row(r, t["trial_id"]) for r in rec["epochs"]))
         self.results.append({**self._row(t, final, status, error, run_id, rec["config"]), **where,
                              "retries": rec["retries"]})
         self.done += 1
@@ -195,5 +240,5 @@ class StudyRecorder(tune.Callback):
         if status == "finished":
             row.update({k: final.get(k, "") for k in ("acc", "asr", "acc_drop", "asr_eq9", "ra", "asr_x4", "asr_x9",
                                                        "acc_before", "asr_before", "clean_images", "seconds",
-                                                       "trial_seconds")})
+                                                       "trial_seconds", *SUMMARY_KEYS)})
         return row

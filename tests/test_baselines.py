@@ -64,7 +64,7 @@ def test_an_epoch_is_samples_per_epoch_images_repeating_a_small_subset(n, sample
 def test_fine_tuning_reports_every_epoch_with_the_schedule_lr():
     cfg = {**SHORT, "epochs": 4, "milestones": [2, 3]}
     seen = []
-    result = FT(**cfg).purify(_model(), _data(), device="cpu", on_epoch=lambda e, m: seen.append(e) or {"x": e})
+    result = FT(**cfg).purify(_model(), _data(), device="cpu", on_epoch=lambda e, m, rec: seen.append(e) or {"x": e})
     assert seen == [1, 2, 3, 4]
     assert [h["lr"] for h in result.history] == pytest.approx([0.01, 0.01, 1e-3, 1e-4])
     assert result.history[-1]["steps"] == 4 * 4 and result.history[-1]["x"] == 4

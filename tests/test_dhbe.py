@@ -67,7 +67,7 @@ def test_paste_patch_adds_at_one_position_without_clamp():
 def test_dhbe_runs_on_each_image_shape(shape):
     seen = []
     result = DHBE(**TINY).purify(_model(shape[0]), None, device="cpu", image_shape=shape,
-                                 on_epoch=lambda e, m: seen.append(e) or {"acc": 1.0})
+                                 on_epoch=lambda e, m, rec: seen.append(e) or {"acc": 1.0})
     assert seen == [1, 2] and len(result.history) == 2
     assert result.model(torch.rand(2, *shape)).shape == (2, 10)
     assert result.info["iterations"] == 2 and result.info["shortened"] is True
@@ -100,7 +100,7 @@ def test_student_starts_as_the_teacher_and_teacher_is_untouched():
     before = {k: v.clone() for k, v in victim.state_dict().items()}
     states = []
     DHBE(**TINY, lr=1e-9).purify(victim, None, device="cpu", image_shape=(1, 16, 16),
-                                 on_epoch=lambda e, m: states.append({k: v.clone() for k, v in m.state_dict().items()}))
+                                 on_epoch=lambda e, m, rec: states.append({k: v.clone() for k, v in m.state_dict().items()}))
     assert all(torch.equal(before[k], v) for k, v in victim.state_dict().items())
     weights = [k for k in before if k.endswith("weight")]
     assert all(torch.allclose(states[0][k], before[k], atol=1e-6) for k in weights)

@@ -99,7 +99,7 @@ def test_rounds_report_to_the_callback_with_cosine_lr():
     seen = []
     cfg = NFTConfig(steps=10, rounds=5, batch_size=8)
     result = NFT(cfg).purify(_model(), _data(), device="cpu",
-                             on_epoch=lambda r, m: seen.append((r, m.training)) or {"probe": float(r)})
+                             on_epoch=lambda r, m, rec: seen.append((r, m.training)) or {"probe": float(r)})
     assert [r for r, _ in seen] == [1, 2, 3, 4, 5]
     assert [h["probe"] for h in result.history] == [1.0, 2.0, 3.0, 4.0, 5.0]
     lrs = [h["lr"] for h in result.history]

@@ -152,9 +152,10 @@ def test_recipe_victims_and_the_first_clean_rule_in_a_spec():
 def test_presets_are_valid_and_quick_has_what_the_quickstart_promises():
     quick = load_spec("quick")
     names = {d.name for d in quick.defenses}
-    assert {"nft", "dhbe", "ft", "fp", "nad"} <= names
-    assert all("lr" in d.sweep for d in quick.defenses)
-    assert len(quick.fractions) + len(quick.shots) >= 2 and len(quick.subset_seeds) >= 2
+    assert {"nft", "dhbe", "ft", "fp", "nad", "anp", "nc"} <= names
+    # curves, not steps: 5-6 values on every swept axis of a defence that uses data (DHBE: one point)
+    assert all(len(axis.grid()) >= 5 for d in quick.defenses if d.name != "dhbe" for axis in d.sweep.values())
+    assert len(quick.fractions) + len(quick.shots) >= 2
     paper = load_spec("paper-cifar10")
     assert paper.victims[0].dataset == "cifar10" and paper.fractions == [0.01, 0.04]
     assert paper.victims[0].poison_count == 300 and [v.trigger_size for v in paper.victims] == [3, 1, 2, 5, 7]

@@ -10,6 +10,7 @@ import ray
 import torch
 from ray import tune
 
+from backdoor.diagnostics import is_diagnostic
 from backdoor.purify import run_defense
 from backdoor.victims import unpack_victim
 
@@ -37,6 +38,11 @@ def resolve_trial(config: dict, base: dict | None = None) -> dict:
     return trial
 
 
+def _reported(metrics: dict) -> dict:
+    """What a trial reports of an epoch: ACC / ASR and friends, and the diagnostics."""
+    return {k: v for k, v in metrics.items() if k in METRICS or is_diagnostic(k)}
+
+
 def purify_trial(config: dict, victims: dict, base: dict | None = None, cpus_per_trial: float = 1.0) -> None:
     """One trial. Reports every epoch (`epoch`, ACC, ASR, ...) and a final row with
     `done=True`; a trial that raises reports `status="failed"` and the error text instead
@@ -52,12 +58,12 @@ def purify_trial(config: dict, victims: dict, base: dict | None = None, cpus_per
                           shots=trial["shots"], subset_seed=trial["subset_seed"], seed=trial["subset_seed"],
                           clean_rule=trial.get("clean_rule", "balanced"),
                           log=lambda m: None,
-                          on_metrics=lambda epoch, m: tune.report({"epoch": epoch, **{k: m.get(k) for k in METRICS}}))
+                          on_metrics=lambda epoch, m: tune.report({"epoch": epoch, **_reported(m)}))
     except Exception as err:  # noqa: BLE001 - any failure is a result to record, not a crash of the study
         tune.report({"done": True, "status": "failed", "error": f"{type(err).__name__}: {err}"[:2000],
                      "acc": math.nan, "asr": math.nan, "trial_seconds": time.perf_counter() - t0, **where})
         return
     final = {k: out["after"].get(k) for k in METRICS}
-    tune.report({"done": True, "status": "finished", **final, "acc_before": out["before"]["acc"],
+    tune.report({"done": True, "status": "finished", **final, **_reported(out["diagnostics"]), "acc_before": out["before"]["acc"],
                  "asr_before": out["before"]["asr"], "clean_images": out["clean_images"], "seconds": out["seconds"],
                  "trial_seconds": time.perf_counter() - t0, **where})

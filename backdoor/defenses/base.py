@@ -21,9 +21,10 @@ from torch import nn
 from ..data import Augment, ImageSet
 from ..runtime import prepare_model, resolve_device
 
-# on_epoch(epoch, model) -> metrics to record (e.g. ACC / ASR), or None. `epoch` counts from 1;
-# for NFT it is the round. The model is the current purified model, ready to evaluate.
-EpochCallback = Callable[[int, nn.Module], "dict[str, float] | None"]
+# on_epoch(epoch, model, record) -> metrics to record (e.g. ACC / ASR), or None. `epoch` counts
+# from 1; for NFT it is the round. The model is the current purified model, ready to evaluate;
+# `record` is what the defence itself recorded for the epoch (losses, lr, diagnostics).
+EpochCallback = Callable[[int, nn.Module, dict], "dict[str, float] | None"]
 
 
 class DefenseDiverged(FloatingPointError):
@@ -102,6 +103,7 @@ class Defense:
     name: ClassVar[str] = "defense"
     Config: ClassVar[type]
     needs_clean_data: ClassVar[bool] = True
+    diagnose: bool = True  # record the defence-side diagnostics (`backdoor.diagnostics`); set per purify call
 
     def __init__(self, config: Any | None = None, **overrides: Any):
         cfg = config if config is not None else self.Config()
@@ -123,13 +125,15 @@ class Defense:
 
     def purify(self, model: nn.Module, clean_subset: ImageSet | None, *, device: str | torch.device | None = None,
                image_shape: tuple[int, int, int] | None = None, augment: Augment | None = None,
-               on_epoch: EpochCallback | None = None, seed: int = 0) -> DefenseResult:
+               on_epoch: EpochCallback | None = None, seed: int = 0, diagnostics: bool = True) -> DefenseResult:
         """Purify a copy of `model` (the argument is not modified).
 
         `clean_subset`: the defender's clean images (never the test set), or `None` for a
         data-free defence, which refuses any data. `image_shape` (C, H, W): the input shape,
         needed by data-free defences (taken from the clean subset otherwise). `augment`: the
         dataset's crop/flip (defaults to the paper's). `on_epoch`: see `EpochCallback`.
+        `diagnostics`: record the defence-side diagnostics per epoch (they never change the
+        result; off only to measure their cost).
         """
         if self.needs_clean_data:
             if clean_subset is None or len(clean_subset) == 0:
@@ -145,6 +149,7 @@ class Defense:
         device = resolve_device(device)
         work = prepare_model(copy.deepcopy(model), device)
         data = clean_subset.to(device) if clean_subset is not None else None
+        self.diagnose = diagnostics
         t0 = time.perf_counter()
         result = self._purify(work, data, device=device, image_shape=tuple(image_shape), augment=augment,
                               on_epoch=on_epoch, seed=seed)
@@ -165,7 +170,7 @@ def report_epoch(history: list[dict], epoch: int, model: nn.Module, on_epoch: Ep
     """Append one history row: the defence's own figures plus what the callback measured."""
     row = {"epoch": epoch, **record}
     if on_epoch is not None:
-        metrics = on_epoch(epoch, model)
+        metrics = on_epoch(epoch, model, dict(record))
         if metrics:
             row.update(metrics)
     history.append(row)

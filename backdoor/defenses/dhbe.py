@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Augment, ImageSet
+from ..diagnostics import bn_drift, bn_stats_frozen, label_summary, update_ratio
 from ..models import Normalize
 from ..runtime import GraphedStep, autocast, device_generator, memory_format, prepare_model
 from .base import Defense, DefenseResult, EpochCallback, LossTracker, check, check_finite_positive, report_epoch
@@ -240,6 +241,9 @@ class DHBE(Defense):
                                 before_capture=lambda: [o.zero_grad(set_to_none=True) for o in (opt_s, opt_g, opt_p)])
 
         tracker = LossTracker(self.name, ("student", "kd", "abr", "generator", "trigger"), device)
+        # diagnostics: a fixed noise batch from its own generator (training's draws are untouched)
+        probe = (torch.randn(cfg.batch_size, cfg.noise_dim, device=device, generator=device_generator(device, seed + 1))
+                 if self.diagnose else None)
         history: list[dict] = []
         step = 0
         factor = None
@@ -258,6 +262,8 @@ class DHBE(Defense):
                 tracker.add(step, *losses)
                 step += 1
             record = {"lr": cfg.lr * factor, "iterations": step, **tracker.close_epoch()}
+            if probe is not None:
+                record.update(_diagnose(iteration, probe, opt_s))
             report_epoch(history, epoch + 1, student, on_epoch, record)
             student.train(cfg.student_train_mode)
 
@@ -271,6 +277,17 @@ class DHBE(Defense):
                 info["execution"] = "device"
                 info["graph_failed"] = graph.failed
         return DefenseResult(student, history, info)
+
+
+@torch.no_grad()
+def _diagnose(iteration: _Iteration, probe: torch.Tensor, opt_s: torch.optim.SGD) -> dict[str, float]:
+    """Why DHBE fails where it does: the teacher's labels on G's samples for a fixed noise batch
+    (top class, share, entropy), the student's BN drift from the teacher per stage, and the last
+    student step's size per stage. G's BN statistics are left as they were."""
+    with bn_stats_frozen(iteration.gen_x), autocast(iteration.device):
+        logits = iteration.teacher(iteration._pixels(iteration.gen_x(probe)))
+    return {**label_summary(logits.argmax(1), logits.shape[1], "teacher_"),
+            **bn_drift(iteration.student, iteration.teacher), **update_ratio(opt_s, iteration.student)}
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:

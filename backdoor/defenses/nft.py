@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Augment, ImageSet, sample_batches, to_float
+from ..diagnostics import mask_summary, masks_of
 from ..runtime import autocast, device_generator, memory_format
 from .base import Defense, DefenseResult, EpochCallback, LossTracker, check, check_finite_positive, report_epoch
 from .masks import MASK_SITES, attach_masks, fold_masks
@@ -128,6 +129,8 @@ class NFT(Defense):
                 tracker.add(step, loss, loss_mix, loss_reg)
                 step += 1
             record = {"lr": lr, "steps": step, **tracker.close_epoch()}
+            if self.diagnose:
+                record.update(mask_summary(masks_of(model)))
             report_epoch(history, r + 1, model, on_epoch, record)
 
         purified = fold_masks(model)

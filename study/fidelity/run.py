@@ -132,7 +132,11 @@ class _MLflow:
             return
         mlflow.set_tracking_uri(uri)
         self.mlflow = mlflow
-        self.experiment = mlflow.set_experiment("fidelity").experiment_id
+        exp = mlflow.set_experiment("fidelity")
+        self.experiment = exp.experiment_id
+        if exp.tags.get("mlflow.experimentKind") != "custom_model_development":  # MLflow 3 UI: not a GenAI experiment
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, "mlflow.experimentKind",
+                                                      "custom_model_development")
 
     def row(self, rec: dict, out: Path) -> None:
         mlflow = self.mlflow
