@@ -9,7 +9,7 @@ A finished trial is exactly one of:
 A trial that did not finish is `failed`. The section then gives, per defence, the median of
 each recorded diagnostic (`backdoor.diagnostics`, last epoch, in results.csv) per label, and
 names in plain words the diagnostics whose values do not overlap between the not-purified (or
-collapsed) trials and the purified ones (safe or too costly).
+collapsed) trials and the purified ones (safe or too costly), where each side has >= 2 trials.
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def _separating(done: pd.DataFrame, lab: pd.Series, present: list[str], worse: s
     """A sentence per diagnostic whose values in the `worse` trials do not overlap those in
     the `better` ones (e.g. not purified vs purified)."""
     a, b = done[lab == worse], done[lab.isin(better)]
-    if not len(a) or not len(b):
+    if len(a) < 2 or len(b) < 2:  # one trial on a side separates nothing
         return []
     name = " or ".join(k for k in better if (lab == k).any())
     out = []

@@ -175,20 +175,21 @@ def test_failure_labels_and_what_went_wrong():
     from analysis.measures import Thresholds
 
     df = pd.DataFrame({
-        "defense": ["dhbe"] * 4 + ["ft"] * 4,
-        "status": ["finished"] * 7 + ["failed"],
-        "acc": [10.0, 10.0, 10.0, 60.0, 97.0, 90.0, 98.0, np.nan],
-        "asr": [100.0, 0.0, 0.0, 1.0, 1.0, 1.0, 90.0, np.nan],
-        "acc_drop": [89.0, 89.0, 89.0, 39.0, 2.0, 9.0, 1.0, np.nan],
-        "top_share": [1.0, 1.0, 0.97, 0.2, 0.1, 0.1, 0.1, np.nan],
-        "top_class": [0, 0, 0, 3, 1, 1, 1, np.nan],
-        "teacher_top_share": [0.98, 0.97, 0.99, 0.5, np.nan, np.nan, np.nan, np.nan],
-        "teacher_top_class": [0, 0, 0, 2, np.nan, np.nan, np.nan, np.nan],
-        "teacher_top_is_target": [1, 1, 1, 0, np.nan, np.nan, np.nan, np.nan],
-        "weight_drift": [0.5, 0.5, 0.5, 0.4, 0.02, 0.08, 0.01, np.nan],
+        "defense": ["dhbe"] * 4 + ["ft"] * 6,
+        "status": ["finished"] * 9 + ["failed"],
+        "acc": [10.0, 10.0, 10.0, 60.0, 97.0, 90.0, 98.0, 98.5, 97.5, np.nan],
+        "asr": [100.0, 0.0, 0.0, 1.0, 1.0, 1.0, 90.0, 60.0, 2.0, np.nan],
+        "acc_drop": [89.0, 89.0, 89.0, 39.0, 2.0, 9.0, 1.0, 0.5, 1.5, np.nan],
+        "top_share": [1.0, 1.0, 0.97, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1, np.nan],
+        "top_class": [0, 0, 0, 3, 1, 1, 1, 1, 1, np.nan],
+        "teacher_top_share": [0.98, 0.97, 0.99, 0.5] + [np.nan] * 6,
+        "teacher_top_class": [0, 0, 0, 2] + [np.nan] * 6,
+        "teacher_top_is_target": [1, 1, 1, 0] + [np.nan] * 6,
+        "weight_drift": [0.5, 0.5, 0.5, 0.4, 0.02, 0.08, 0.01, 0.005, 0.03, np.nan],
     })
     labels = label_trials(df, Thresholds())
-    assert list(labels) == ["collapsed"] * 3 + ["too costly", "safe", "too costly", "not purified", "failed"]
+    assert list(labels) == (["collapsed"] * 3 + ["too costly", "safe", "too costly", "not purified", "not purified",
+                                                 "safe", "failed"])
     assert label_trials(df, Thresholds(), CollapseRule(share=1.0))[2] == "too costly"
     assert label_trials(df, Thresholds(), CollapseRule(min_acc=70))[3] == "collapsed"
     text = what_went_wrong(df, labels)
@@ -196,11 +197,11 @@ def test_failure_labels_and_what_went_wrong():
     assert "median 98% of the generated samples as one class (class 0)" in text
     assert "the attack's target in 3 of 4 trials" in text
     assert "1 failed" in text
-    # FT: the one not-purified trial moved its weights least -> separated from the purified ones
+    # FT: the two not-purified trials moved their weights least -> separated from the three purified ones
     assert ("Separates not purified from safe or too costly trials: weights' relative L2 distance from the victim: "
-            "1.0% to 1.0% in the 1 not purified, 2.0% to 8.0% in the 2 safe or too costly.") in text
-    # DHBE: collapsed trials vs the one too-costly trial, by the teacher's labels
-    assert "Separates collapsed from too costly trials: share of generated samples the teacher gives" in text
+            "0.5% to 1.0% in the 2 not purified, 2.0% to 8.0% in the 3 safe or too costly.") in text
+    # DHBE: three collapsed trials but one too-costly trial: one trial on a side separates nothing
+    assert "Separates collapsed" not in text
 
 
 def test_fits_leave_collapsed_trials_out_unless_kept():
