@@ -122,6 +122,14 @@ def test_dhbe_teacher_that_maps_everything_to_the_target_gives_top_share_one(dig
     assert out["diagnostics"]["teacher_top_share"] == 1.0
 
 
+def test_dhbe_without_momentum_runs_with_diagnostics_and_omits_the_step_ratio(digits_victim):
+    from backdoor.purify import run_defense
+
+    out = run_defense(digits_victim, "dhbe", {"epochs": 1, "iters_per_epoch": 2, "batch_size": 16, "momentum": 0.0},
+                      log=lambda m: None)
+    assert "teacher_top_share" in out["history"][-1] and "update_ratio_max" not in out["history"][-1]
+
+
 @pytest.mark.parametrize("defense,config,fraction", [
     ("dhbe", {"epochs": 2, "iters_per_epoch": 3, "batch_size": 16}, None),
     ("nft", {"steps": 20, "rounds": 2}, 0.07),

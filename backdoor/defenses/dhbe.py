@@ -283,11 +283,13 @@ class DHBE(Defense):
 def _diagnose(iteration: _Iteration, probe: torch.Tensor, opt_s: torch.optim.SGD) -> dict[str, float]:
     """Why DHBE fails where it does: the teacher's labels on G's samples for a fixed noise batch
     (top class, share, entropy), the student's BN drift from the teacher per stage, and the last
-    student step's size per stage. G's BN statistics are left as they were."""
+    student step's size per stage (with momentum only: read from its buffers). G's BN statistics
+    are left as they were."""
     with bn_stats_frozen(iteration.gen_x), autocast(iteration.device):
         logits = iteration.teacher(iteration._pixels(iteration.gen_x(probe)))
+    steps = update_ratio(opt_s, iteration.student) if iteration.cfg.momentum else {}  # no buffer to read at 0
     return {**label_summary(logits.argmax(1), logits.shape[1], "teacher_"),
-            **bn_drift(iteration.student, iteration.teacher), **update_ratio(opt_s, iteration.student)}
+            **bn_drift(iteration.student, iteration.teacher), **steps}
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
