@@ -56,13 +56,15 @@ def axis_plots(df: pd.DataFrame, palette: dict, plot_dir: Path) -> dict[str, Pat
 
 def measure_study(df: pd.DataFrame, *, thresholds: Thresholds = Thresholds(), form: str = "4p", n_boot: int = 200,
                   seed: int = 0, fit_min_acc: float = 0.0, collapse: CollapseRule = CollapseRule(),
-                  keep_collapsed: bool = False) -> tuple[dict, list[dict], list[dict]]:
+                  keep_collapsed: bool = False, labels: pd.Series | None = None) -> tuple[dict, list[dict], list[dict]]:
     """Fits, per-(defence, budget) measures and the ranking of a trial table; writes nothing
     (a regression run compares these without touching the study's report). Collapsed trials
-    (`analysis.failures`) are left out of the fits unless `keep_collapsed`."""
+    (`analysis.failures`; `labels` if the caller has them) are left out of the fits unless
+    `keep_collapsed`."""
     if not 0 <= fit_min_acc < 100:
         raise ValueError(f"fit_min_acc: {fit_min_acc} must be in [0, 100)")
-    labels = label_trials(df, thresholds, collapse)
+    if labels is None:
+        labels = label_trials(df, thresholds, collapse)
     fits = fit_all(df, form=form, n_boot=n_boot, seed=seed, min_acc=fit_min_acc,
                    exclude=None if keep_collapsed else labels == "collapsed")
     summaries = []
@@ -86,12 +88,12 @@ def analyze(directory: str | Path, *, thresholds: Thresholds = Thresholds(), for
     epochs = load_epochs(directory)
     log(f"analysis: {len(df)} trials ({int((df['status'] == 'finished').sum())} finished) from "
         f"{directory / 'results.csv'}")
-    fits, summaries, ranking = measure_study(df, thresholds=thresholds, form=form, n_boot=n_boot, seed=seed,
-                                             fit_min_acc=fit_min_acc, collapse=collapse,
-                                             keep_collapsed=keep_collapsed)
     labels = label_trials(df, thresholds, collapse)
+    fits, summaries, ranking = measure_study(df, thresholds=thresholds, form=form, n_boot=n_boot, seed=seed,
+                                             fit_min_acc=fit_min_acc, keep_collapsed=keep_collapsed, labels=labels)
+    went_wrong = what_went_wrong(df, labels)
     log("analysis: " + ", ".join(f"{n} {k}" for k, n in labels.value_counts().items()))
-    log("What went wrong:\n" + what_went_wrong(df, labels))
+    log("What went wrong:\n" + went_wrong)
     log(f"analysis: {len(fits)} fits ({sum(f.degenerate for f in fits.values())} degenerate), "
         f"{time.perf_counter() - t0:.1f} s")
 
@@ -118,7 +120,7 @@ def analyze(directory: str | Path, *, thresholds: Thresholds = Thresholds(), for
                   for (d, b), f in fits.items()]}, indent=2))
     report_path = write_report(directory, df, summaries, ranking, fits, figures, thresholds,
                                has_epochs=epochs is not None, fit_min_acc=fit_min_acc, labels=labels,
-                               keep_collapsed=keep_collapsed)
+                               keep_collapsed=keep_collapsed, went_wrong=went_wrong)
     files = [fits_path, report_path, *figures.values()]
     log(f"analysis: wrote {', '.join(str(p.relative_to(directory)) for p in files)} "
         f"({time.perf_counter() - t0:.1f} s)")

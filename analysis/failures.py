@@ -32,9 +32,9 @@ class CollapseRule:
 
     def __post_init__(self):
         if not 0 < self.share <= 1:
-            raise ValueError(f"collapse_share: {self.share} must be in (0, 1]")
+            raise ValueError(f"collapse_share (--collapse-share): {self.share} must be in (0, 1]")
         if not 0 <= self.min_acc < 100:
-            raise ValueError(f"collapse_acc: {self.min_acc} must be in [0, 100)")
+            raise ValueError(f"collapse_acc (--collapse-acc): {self.min_acc} must be in [0, 100)")
 
 
 def label_trials(df: pd.DataFrame, th: Thresholds, rule: CollapseRule = CollapseRule()) -> pd.Series:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from .failures import what_went_wrong
 from .logistic import LogisticFit
 from .measures import Thresholds
 from .measures import __doc__ as MEASURES_DOC
@@ -48,7 +47,7 @@ def _study(directory: Path, df: pd.DataFrame) -> str:
 def write_report(directory: Path, df: pd.DataFrame, summaries: list[dict], ranking: list[dict],
                  fits: dict[tuple[str, str], LogisticFit], figures: dict[str, Path], th: Thresholds,
                  has_epochs: bool, fit_min_acc: float = 0.0, labels: pd.Series | None = None,
-                 keep_collapsed: bool = False) -> Path:
+                 keep_collapsed: bool = False, went_wrong: str | None = None) -> Path:
     level = f"{th.safe_asr:g}%"
     name = df["victim_id"].iloc[0].split("-")[0] if "victim_id" in df.columns else directory.name
     fig = lambda key, alt: f"![{alt}]({figures[key].relative_to(directory).as_posix()})" if key in figures else None  # noqa: E731
@@ -65,12 +64,12 @@ def write_report(directory: Path, df: pd.DataFrame, summaries: list[dict], ranki
         [[str(s["rank"]), s["defense"], f"{s['trials']}" + (f" ({s['failed']} failed)" if s["failed"] else ""),
           _f(s["safe_share"], pct=True), f"{_f(s['pick_asr'])} / {_f(s['pick_asr_max'])}", _f(s["pick_acc"]),
           _f(s["worst_asr"]), _f(s["mean_acc"]), _f(s["mean_asr"]), _acc_at(s)] for s in ranking]))
-    if labels is not None:
+    if went_wrong is not None:
         parts += ["", "## What went wrong", "",
                   "Each finished trial is *collapsed* (one class takes >= half the test predictions, or ACC under "
                   "the floor), *not purified* (ASR above the safe level), *too costly* (safe ASR, ACC drop above the "
                   "safe drop) or *safe*. Diagnostics are the trial's last epoch (`results.csv`; per epoch in "
-                  "`epochs.csv` and MLflow).", "", what_went_wrong(df, labels)]
+                  "`epochs.csv` and MLflow).", "", went_wrong]
     parts += ["", "## Per data budget", ""]
     parts.append(_table(
         ["defence", "clean data", "trials", "mean ACC", "mean ACC drop", "mean ASR", "worst ASR", "safe share",

@@ -82,8 +82,18 @@ def prediction_summary(pred_counts: torch.Tensor, class_correct: torch.Tensor, c
             "class_acc_max": float(per_class.max()) if present.any() else float("nan")}
 
 
-def _per_stage(values: dict[str, list[float]], name: str) -> dict[str, float]:
-    out = {f"{name}.{stage}": sum(v) / len(v) for stage, v in values.items() if v}
+def _stage_sums(pairs: list[tuple[str, torch.Tensor]]) -> dict[str, list[float]]:
+    """Scalar tensors grouped by stage, read with one host sync."""
+    if not pairs:
+        return {}
+    values = torch.stack([v.float().reshape(()) for _, v in pairs]).tolist()
+    out: dict[str, list[float]] = defaultdict(list)
+    for (stage, _), v in zip(pairs, values):
+        out[stage].append(v)
+    return out
+
+
+def _with_max(out: dict[str, float], name: str) -> dict[str, float]:
     if out:
         out[f"{name}_max"] = max(out.values())
     return out
@@ -94,14 +104,25 @@ def bn_drift(student: nn.Module, teacher: nn.Module) -> dict[str, float]:
     """Per stage, the mean over its BatchNorms and channels of |mu_student - mu_teacher| /
     sigma_teacher (running statistics), plus `bn_drift_max` over stages."""
     teacher_bns = {n: m for n, m in teacher.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    values: dict[str, list[float]] = defaultdict(list)
+    pairs = []
     for name, bn in student.named_modules():
         ref = teacher_bns.get(name)
         if ref is None or bn.running_mean is None or ref.running_mean is None:
             continue
         sigma = (ref.running_var.float() + ref.eps).sqrt()
-        values[stage_of(name)].append(float(((bn.running_mean.float() - ref.running_mean.float()).abs() / sigma).mean()))
-    return _per_stage(values, "bn_drift")
+        pairs.append((stage_of(name), ((bn.running_mean.float() - ref.running_mean.float()).abs() / sigma).mean()))
+    per_bn = _stage_sums(pairs)
+    return _with_max({f"bn_drift.{s}": sum(v) / len(v) for s, v in per_bn.items()}, "bn_drift")
+
+
+def _squared_norms(pairs: list[tuple[str, torch.Tensor, torch.Tensor]]) -> dict[str, tuple[float, float]]:
+    """Per stage (sum ||a||^2, sum ||b||^2) over (stage, a, b) triples; one host sync."""
+    sums = _stage_sums([(s, t) for s, a, b in pairs for t in (a.float().square().sum(), b.float().square().sum())])
+    return {s: (sum(v[0::2]), sum(v[1::2])) for s, v in sums.items()}
+
+
+def _ratios(squared: dict[str, tuple[float, float]], name: str) -> dict[str, float]:
+    return {f"{name}.{s}": math.sqrt(a / b) for s, (a, b) in squared.items() if b > 0}
 
 
 @torch.no_grad()
@@ -113,19 +134,9 @@ def update_ratio(opt: torch.optim.SGD, model: nn.Module) -> dict[str, float]:
     if group.get("nesterov") or group.get("dampening", 0) or not group.get("momentum"):
         raise ValueError("update_ratio: needs SGD with momentum, no Nesterov, no dampening")
     lr = group["lr"]
-    step_sq: dict[str, float] = defaultdict(float)
-    weight_sq: dict[str, float] = defaultdict(float)
-    for name, p in model.named_parameters():
-        buf = opt.state.get(p, {}).get("momentum_buffer")
-        if buf is None:
-            continue
-        stage = stage_of(name)
-        step_sq[stage] += float((lr * buf.float()).square().sum())
-        weight_sq[stage] += float(p.float().square().sum())
-    out = {f"update_ratio.{s}": math.sqrt(step_sq[s] / weight_sq[s]) for s in step_sq if weight_sq[s] > 0}
-    if out:
-        out["update_ratio_max"] = max(out.values())
-    return out
+    pairs = [(stage_of(name), lr * opt.state[p]["momentum_buffer"], p) for name, p in model.named_parameters()
+             if opt.state.get(p, {}).get("momentum_buffer") is not None]
+    return _with_max(_ratios(_squared_norms(pairs), "update_ratio"), "update_ratio")
 
 
 @torch.no_grad()
@@ -133,19 +144,13 @@ def weight_drift(model: nn.Module, reference: nn.Module) -> dict[str, float]:
     """Relative L2 distance ||w - w_ref|| / ||w_ref|| of the parameters the two models share
     by name and shape, per stage and overall (`weight_drift`); {} if they share none."""
     ref = dict(reference.named_parameters())
-    diff_sq: dict[str, float] = defaultdict(float)
-    ref_sq: dict[str, float] = defaultdict(float)
-    for name, p in model.named_parameters():
-        r = ref.get(name)
-        if r is None or r.shape != p.shape:
-            continue
-        stage = stage_of(name)
-        diff_sq[stage] += float((p.float() - r.float().to(p.device)).square().sum())
-        ref_sq[stage] += float(r.float().square().sum())
-    out = {f"weight_drift.{s}": math.sqrt(diff_sq[s] / ref_sq[s]) for s in diff_sq if ref_sq[s] > 0}
-    total = sum(ref_sq.values())
-    if total > 0:
-        out["weight_drift"] = math.sqrt(sum(diff_sq.values()) / total)
+    pairs = [(stage_of(name), p - ref[name].to(p.device), ref[name]) for name, p in model.named_parameters()
+             if name in ref and ref[name].shape == p.shape]
+    squared = _squared_norms(pairs)
+    out = _ratios(squared, "weight_drift")
+    diff, norm = (sum(v[i] for v in squared.values()) for i in (0, 1))
+    if norm > 0:
+        out["weight_drift"] = math.sqrt(diff / norm)
     return out
 
 

@@ -72,9 +72,10 @@ def evaluate(model: nn.Module, test: ImageSet, attack: Attack | None = None, *, 
         for i in range(len(copies)):
             counts[6 + i] += (nontarget & (pred[2 + i] == t)).sum()
     model.train(was_training)
-    c = counts.tolist()  # the one host sync (plus the per-class counts)
+    host = torch.cat([counts, per_class.flatten()]).cpu()  # the one host sync
+    c, per_class = host[: len(counts)].tolist(), host[len(counts):].view(3, n_classes)
     pct = lambda num, den: 100.0 * num / den if den else float("nan")  # noqa: E731
-    out = {"acc": pct(c[0], len(test)), **prediction_summary(*per_class.cpu())}
+    out = {"acc": pct(c[0], len(test)), **prediction_summary(*per_class)}
     if attack is not None:
         out["asr"] = pct(c[2], c[1])
         out["asr_eq9"] = pct(c[4], c[3])

@@ -200,6 +200,8 @@ def test_failure_labels_and_what_went_wrong():
                                                  "safe", "failed"])
     assert label_trials(df, Thresholds(), CollapseRule(share=1.0))[2] == "too costly"
     assert label_trials(df, Thresholds(), CollapseRule(min_acc=70))[3] == "collapsed"
+    with pytest.raises(ValueError, match="--collapse-share"):
+        CollapseRule(share=2.0)
     text = what_went_wrong(df, labels)
     assert "**dhbe** (4 trials): 3 collapsed, 0 not purified, 1 too costly, 0 safe" in text
     assert "median 98% of the generated samples as one class (class 0)" in text
