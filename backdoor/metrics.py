@@ -1,11 +1,13 @@
 """ACC / ASR and friends, all in percent, from one batched pass per model.
 
 - acc: clean test accuracy.
-- asr: share of non-target test images classified as the target once triggered (headline).
+- asr: share of non-target test images classified as the target once triggered (headline);
+  all-to-all attacks: share of all test images of class y classified as (y + 1) mod K.
 - asr_eq9: DHBE Eq. 9, the same over non-target images the *reference* (backdoored) model
   classifies correctly when clean (defaults to the evaluated model itself).
 - ra: robust accuracy, share of triggered non-target images still given their true label.
-- asr_x4 / asr_x9: headline ASR with the patch pasted 4 / 9 times (patch attacks only).
+- asr_x4 / asr_x9: headline ASR with the patch pasted 4 / 9 times (patch attacks only; the
+  keys are absent for other attacks: not applicable, never 0).
 - top_class / top_share / class_acc_min / class_acc_max: collapse and per-class accuracy
   (`backdoor.diagnostics.prediction_summary`), from the same clean predictions.
 """
@@ -41,6 +43,7 @@ def evaluate(model: nn.Module, test: ImageSet, attack: Attack | None = None, *, 
     copies = tuple(c for c in amplify if attack is not None and attack.supports_amplified)
     n_views = 1 + (attack is not None) + len(copies)
     # counts: correct, non-target, non-target->target, eq9 base, eq9->target, robust, amplified...
+    # ("non-target": the images ASR counts; all of them for an all-to-all attack)
     counts = torch.zeros(6 + len(copies), dtype=torch.long, device=device)
     n_classes = int(test.y.max()) + 1 if len(test) else 1
     # per class: predicted as it, correct, present (clean images)
@@ -60,8 +63,7 @@ def evaluate(model: nn.Module, test: ImageSet, attack: Attack | None = None, *, 
         per_class[2] += torch.bincount(y, minlength=n_classes)
         if attack is None:
             continue
-        t = attack.target
-        nontarget = y != t
+        nontarget, t = attack.counts_for_asr(y), attack.target_labels(y)
         ref = correct if reference_correct is None else reference_correct[start : start + batch_size].to(device)
         eq9 = nontarget & ref
         counts[1] += nontarget.sum()

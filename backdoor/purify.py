@@ -37,7 +37,8 @@ def run_defense(victim: Victim, defense: str | Defense, defense_config: dict | N
     defence's own and the evaluation side's (which may use the test set and the trigger)."""
     if isinstance(defense, str):
         defense = build_defense(defense, defense_config)
-    defense = defense.with_known_target(victim.attack.target)  # NC's known-target protocol
+    if victim.attack.known_target is not None:  # NC's known-target protocol (all-to-all has no one target)
+        defense = defense.with_known_target(victim.attack.known_target)
     defense_name = defense.name
     data = None
     if defense.needs_clean_data:
@@ -85,13 +86,14 @@ class EvaluationDiagnostics:
 
     def __call__(self, model, record: dict) -> dict[str, float]:
         out: dict[str, float] = {}
-        if "teacher_top_class" in record:
-            out["teacher_top_is_target"] = float(int(record["teacher_top_class"]) == self.victim.attack.target)
+        target = self.victim.attack.known_target
+        if "teacher_top_class" in record and target is not None:
+            out["teacher_top_is_target"] = float(int(record["teacher_top_class"]) == target)
         masks = masks_of(model)
         if masks:
             if self.response is None:
-                test, target = self.victim.splits.test, self.victim.attack.target
-                keep = test.y != target
+                test = self.victim.splits.test
+                keep = self.victim.attack.counts_for_asr(test.y)
                 self.response = trigger_response(self.victim.model, list(masks), ImageSet(test.x[keep], test.y[keep]),
                                                  self.victim.attack)
             out["mask_trigger_corr"] = mask_trigger_correlation(masks, self.response)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .attacks import ATTACKS, Attack, build_attack
+from .attacks import ATTACKS, TARGET_MODES, Attack, attack_parameters, build_attack
 from .data import DATASETS, DatasetSplits, default_cache_dir, load_dataset
 from .metrics import evaluate
 from .models import MODELS, build_model
@@ -32,7 +32,8 @@ from .train import SCHEDULES, TrainConfig, train_classifier
 CACHE_FORMAT = 1
 # Fields added after cache format 1: `to_dict` leaves them out while they hold these defaults,
 # so the ids of victims (and of study trials) specified before they existed do not change.
-LATER_FIELDS = {"poison_count": None, "milestones": None, "nesterov": True}
+LATER_FIELDS = {"poison_count": None, "milestones": None, "nesterov": True, "target_mode": "all_to_one"}
+ATTACK_STATE = "attack."   # prefix of the attack's own tensors (a Trojan pattern) in the weights file
 
 
 @dataclass
@@ -46,7 +47,8 @@ class VictimSpec:
     attack: str = "badnets"
     attack_params: dict = field(default_factory=lambda: {"trigger_size": 3})
     target: int = 0
-    poison_rate: float = 0.1
+    target_mode: str = "all_to_one"    # or "all_to_all": class y -> (y + 1) mod K
+    poison_rate: float = 0.1           # 0 (and no poison_count): a clean model
     poison_count: int | None = None    # exactly this many poisoned images instead of poison_rate (DHBE: 300)
     epochs: int = 30
     batch_size: int = 128
@@ -75,6 +77,16 @@ class VictimSpec:
         """What `Attack.poison` is given: the count when set, else the rate."""
         return {"count": self.poison_count} if self.poison_count is not None else {"rate": self.poison_rate}
 
+    @property
+    def is_clean(self) -> bool:
+        """No poisoning at all: a clean model (the reference Trojan and LC attacks need)."""
+        return self.poison_count is None and self.poison_rate == 0
+
+    def build_attack(self, splits: DatasetSplits) -> Attack:
+        """The spec's attack for the shape and classes of `splits` (parameters checked by name)."""
+        return build_attack(self.attack, splits.image_shape, splits.num_classes, target=self.target,
+                            target_mode=self.target_mode, **self.attack_params)
+
     def validate(self) -> None:
         """Checks that need no data (names, ranges); the attack checks the rest."""
         for fld, value, known in (("dataset", self.dataset, DATASETS), ("model", self.model, MODELS),
@@ -83,8 +95,15 @@ class VictimSpec:
                 raise ValueError(f"{fld}: unknown {fld} {value!r}; known: {sorted(known)}")
         if not isinstance(self.attack_params, dict):
             raise ValueError(f"attack_params: must be a mapping of parameter names to values, got {self.attack_params!r}")
-        if not 0.0 < self.poison_rate <= 1.0:
-            raise ValueError(f"poison_rate: must be in (0, 1], got {self.poison_rate}")
+        unknown = sorted(set(self.attack_params) - set(attack_parameters(self.attack)))
+        if unknown:
+            raise ValueError(f"attack_params: {self.attack} has no parameter(s) {unknown}; it takes "
+                             f"{sorted(attack_parameters(self.attack))}")
+        if self.target_mode not in TARGET_MODES:
+            raise ValueError(f"target_mode: must be one of {list(TARGET_MODES)}, got {self.target_mode!r}")
+        if isinstance(self.poison_rate, bool) or not isinstance(self.poison_rate, (int, float)) \
+                or not 0.0 <= self.poison_rate <= 1.0:
+            raise ValueError(f"poison_rate: must be in [0, 1] (0: a clean model), got {self.poison_rate!r}")
         if self.poison_count is not None and (isinstance(self.poison_count, bool) or not isinstance(self.poison_count, int)
                                               or self.poison_count < 1):
             raise ValueError(f"poison_count: must be a positive integer (or null for poison_rate), got {self.poison_count!r}")
@@ -181,8 +200,22 @@ def _atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
-def _try_load(spec: VictimSpec, victim_id: str, cache_dir: Path, model: nn.Module) -> dict | None:
-    """Metadata of a valid cache entry (weights loaded into `model`), or None."""
+def split_attack_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(model weights, the attack's own tensors) from one stored state dict."""
+    attack = {k[len(ATTACK_STATE):]: v for k, v in state.items() if k.startswith(ATTACK_STATE)}
+    return {k: v for k, v in state.items() if not k.startswith(ATTACK_STATE)}, attack
+
+
+def stored_state(model: nn.Module, attack: Attack) -> dict[str, torch.Tensor]:
+    """The model's weights and the attack's tensors (prefixed), on the CPU, for safetensors."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state.update({ATTACK_STATE + k: v.detach().contiguous().cpu() for k, v in attack.state().items()})
+    return state
+
+
+def _try_load(spec: VictimSpec, victim_id: str, cache_dir: Path, model: nn.Module, attack: Attack) -> dict | None:
+    """Metadata of a valid cache entry (weights loaded into `model`, the attack's state into
+    `attack`), or None."""
     meta_path, weights_path = cache_dir / f"{victim_id}.json", cache_dir / f"{victim_id}.safetensors"
     if not meta_path.exists():
         return None
@@ -192,11 +225,21 @@ def _try_load(spec: VictimSpec, victim_id: str, cache_dir: Path, model: nn.Modul
             raise ValueError("metadata does not match the spec")
         if _sha256(weights_path) != meta.get("weights_sha256"):
             raise ValueError("weights checksum mismatch (truncated or altered file)")
-        model.load_state_dict(load_state_dict(weights_path), strict=True)
+        weights, attack_state = split_attack_state(load_state_dict(weights_path))
+        model.load_state_dict(weights, strict=True)
+        attack.load_state(attack_state)
         return meta
     except Exception as err:
         warnings.warn(f"victim cache entry {victim_id} in {cache_dir} is unusable ({err}); retraining it")
         return None
+
+
+def clean_reference(spec: VictimSpec) -> VictimSpec:
+    """The clean model Trojan and LC build their poison from: the same data, architecture,
+    training recipe and seed, no poisoning (trained once through the victim cache)."""
+    return dataclasses.replace(spec, attack="badnets", attack_params={"trigger_size": 3}, target=0,
+                               target_mode="all_to_one", poison_rate=0.0, poison_count=None,
+                               milestones=None if spec.milestones is None else list(spec.milestones))
 
 
 def get_or_train(spec: VictimSpec, cache_dir: str | os.PathLike | None = None, *, data: DatasetSplits | None = None,
@@ -216,18 +259,27 @@ def get_or_train(spec: VictimSpec, cache_dir: str | os.PathLike | None = None, *
     splits = data if data is not None else load_dataset(spec.dataset, data_root, download=download,
                                                         pool_fraction=spec.pool_fraction, split_seed=spec.split_seed,
                                                         image_size=spec.image_size)
-    attack = build_attack(spec.attack, splits.image_shape, splits.num_classes, target=spec.target, **spec.attack_params)
+    attack = spec.build_attack(splits)
     victim_id = spec.victim_id(splits.fingerprint)
     splits = splits.to(device)
     seed_everything(spec.seed)
     model = build_model(spec.model, splits.num_classes, splits.image_shape[0], splits.mean, splits.std)
-    meta = _try_load(spec, victim_id, cache_dir, model)
+    meta = _try_load(spec, victim_id, cache_dir, model, attack)
     if meta is not None:
         model = prepare_model(model, device).eval()
         log(f"victim {victim_id}: loaded from cache (ACC {meta['metrics']['acc']:.2f}%, ASR {meta['metrics']['asr']:.2f}%)")
         return Victim(spec, victim_id, model, attack, splits, meta["metrics"], True, meta.get("train_seconds", 0.0))
 
-    poisoned, poisoned_index = attack.poison(splits.train, seed=spec.seed, **spec.poison_arguments())
+    if attack.needs_reference and not spec.is_clean:
+        reference = get_or_train(clean_reference(spec), cache_dir, data=splits, device=device, compile=compile, log=log)
+        log(f"victim {victim_id}: building the {spec.attack} poison on the clean model {reference.victim_id}")
+        attack.prepare(reference.model, splits.train, seed=spec.seed)
+    if spec.is_clean:
+        poisoned, poisoned_index = splits.train, torch.zeros(0, dtype=torch.long)
+    else:
+        poisoned, poisoned_index = attack.poison(splits.train, seed=spec.seed, **spec.poison_arguments())
+    seed_everything(spec.seed)  # the same initial weights whether or not a reference was trained first
+    model = build_model(spec.model, splits.num_classes, splits.image_shape[0], splits.mean, splits.std)
     model = prepare_model(model, device)
     log(f"victim {victim_id}: training {spec.model} on {len(poisoned)} {spec.dataset} images "
         f"({spec.attack}, {len(poisoned_index)} poisoned) for {spec.epochs} epochs on {device}")
@@ -247,7 +299,7 @@ def get_or_train(spec: VictimSpec, cache_dir: str | os.PathLike | None = None, *
     weights_path = cache_dir / f"{victim_id}.safetensors"
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = stored_state(model, attack)
     _atomic_write(weights_path, lambda p: save_file(state, str(p)))
     meta = {"victim_id": victim_id, "spec": spec.to_dict(), "metrics": metrics, "train_seconds": seconds,
             "weights_sha256": _sha256(weights_path), "data_fingerprint": splits.fingerprint,
@@ -262,7 +314,7 @@ def pack_victim(victim: Victim) -> dict:
     handing to other processes or machines (e.g. through Ray's object store), not disk."""
     from safetensors.torch import save
 
-    state = {k: v.detach().contiguous().cpu() for k, v in victim.model.state_dict().items()}
+    state = stored_state(victim.model, victim.attack)
     return {"spec": victim.spec.to_dict(), "victim_id": victim.victim_id, "metrics": victim.metrics,
             "train_seconds": victim.train_seconds, "from_cache": victim.from_cache,
             "weights": save(state), "splits": victim.splits.to("cpu")}
@@ -279,8 +331,10 @@ def unpack_victim(packed: dict, device=None) -> Victim:
         raise ValueError(f"victim: packed victim {packed['victim_id']} does not match its spec and data")
     device = resolve_device(device)
     model = build_model(spec.model, splits.num_classes, splits.image_shape[0], splits.mean, splits.std)
-    model.load_state_dict(load(packed["weights"]), strict=True)
-    attack = build_attack(spec.attack, splits.image_shape, splits.num_classes, target=spec.target, **spec.attack_params)
+    weights, attack_state = split_attack_state(load(packed["weights"]))
+    model.load_state_dict(weights, strict=True)
+    attack = spec.build_attack(splits)
+    attack.load_state(attack_state)
     return Victim(spec, packed["victim_id"], prepare_model(model, device).eval(), attack, splits.to(device),
                   packed["metrics"], packed["from_cache"], packed["train_seconds"])
 
@@ -300,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attack-params", default=None, help=f"JSON (default {json.dumps(d.attack_params)}), e.g. "
                    "'{\"trigger_size\": 3, \"alpha\": 0.6}'")
     p.add_argument("--target", type=int, default=None, help=f"target class (default {d.target})")
-    p.add_argument("--poison-rate", type=float, default=None, help=f"share of the training set (default {d.poison_rate})")
+    p.add_argument("--target-mode", default=None, choices=list(TARGET_MODES),
+                   help="all_to_one (default): every triggered image to --target; all_to_all: class y to y + 1")
+    p.add_argument("--poison-rate", type=float, default=None, help=f"share of the training set (default {d.poison_rate}; "
+                   "clean-label attacks: see their rate_of; 0: a clean model)")
     p.add_argument("--poison-count", type=int, default=None, help="exactly this many poisoned images (instead of the rate)")
     p.add_argument("--epochs", type=int, default=None, help=f"(default {d.epochs})")
     p.add_argument("--batch-size", type=int, default=None, help=f"(default {d.batch_size})")

@@ -64,7 +64,7 @@ def test_blend_mixes_fixed_seeded_pattern():
                                                     torch.ones(4, dtype=torch.long)), 0.0), "poison_rate"),
     (lambda: BadNets((3, 8, 8), 10).poison(ImageSet(torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
                                                     torch.ones(4, dtype=torch.long)), 1.5), "poison_rate"),
-    (lambda: build_attack("wanet", (3, 8, 8), 10), "attack: unknown attack 'wanet'"),
+    (lambda: build_attack("lira", (3, 8, 8), 10), "attack: unknown attack 'lira'"),
     (lambda: build_attack("badnets", (3, 8, 8), 10, size=3), "attack_params"),
 ])
 def test_bad_attack_input_names_field(make, field):

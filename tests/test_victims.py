@@ -63,8 +63,8 @@ def test_damaged_cache_entry_is_retrained_with_warning(tmp_path, digits, damage)
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"dataset": "mnist"}, "dataset"), ({"model": "vgg"}, "model"), ({"attack": "wanet"}, "attack"),
-    ({"poison_rate": 0.0}, "poison_rate"), ({"poison_rate": 1.2}, "poison_rate"), ({"lr": 0.0}, "lr"),
+    ({"dataset": "mnist"}, "dataset"), ({"model": "vgg"}, "model"), ({"attack": "lira"}, "attack"),
+    ({"poison_rate": -0.1}, "poison_rate"), ({"target_mode": "one_to_all"}, "target_mode"), ({"poison_rate": 1.2}, "poison_rate"), ({"lr": 0.0}, "lr"),
     ({"target": 10}, "target"), ({"attack_params": {"trigger_size": 17}}, "trigger_size"),
 ])
 def test_bad_victim_spec_names_field(tmp_path, digits, change, field):
