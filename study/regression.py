@@ -81,14 +81,16 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def measures(directory: Path) -> tuple[dict[str, dict[str, float | None]], dict[str, dict]]:
-    """Per defence (pooled over budgets): the summary measures, and every trial's ACC / ASR."""
+    """Per defence (pooled over budgets; per "defence / attack" when the study has several
+    attacks): the summary measures, and every trial's ACC / ASR."""
     from analysis.analyze import measure_study
     from analysis.table import load_results
 
     df = load_results(directory)
     _, _, ranking = measure_study(df, n_boot=0)   # the study's own report.md / fits.json stay as written
     clean = lambda v: None if v is None or (isinstance(v, float) and not math.isfinite(v)) else round(float(v), 6)  # noqa: E731
-    per_defense = {s["defense"]: {m: clean(s[m]) for m in MEASURES} for s in ranking}
+    per_defense = {(s["defense"] if s.get("attack") is None else f"{s['defense']} / {s['attack']}"):
+                   {m: clean(s[m]) for m in MEASURES} for s in ranking}
     trials = {r.trial_id: {"defense": r.defense, "status": r.status, "acc": clean(r.acc), "asr": clean(r.asr)}
               for r in df.itertuples()}
     return per_defense, trials

@@ -4,19 +4,37 @@
     victims:                       # VictimSpec fields (backdoor.victims), or a paper's recipe plus overrides
       - {dataset: digits, model: small_cnn, attack: badnets, attack_params: {trigger_size: 3}}
       - {recipe: dhbe-badnets-3x3, pool_fraction: 0.1}      # backdoor.recipes.PAPER_VICTIMS
+      - recipe: nft-badnets        # one entry, three victims that differ only in the attack:
+        attacks:                   # a name (its default attack_params) or a mapping of attack fields
+          - blend
+          - {attack: badnets, attack_params: {trigger_size: 3}}
+          - {attack: blend, attack_params: {alpha: 0.1}, poison_rate: 0.05}
     defenses:
       - name: ft
         config: {epochs: 10}       # fixed overrides of the defence's config
         sweep:                     # axes (search_spaces.axes): generic (lr, lam, generator_size) or fields
           lr: {log: [0.002, 0.1, 3]}
+      - name: nft
+        victims: [2, 3, 4]         # indices into the EXPANDED victims: 0, 1, then the attacks of entry 2
     clean: {fractions: [0.014], shots: [10], subset_seeds: [0, 1]}   # rule: balanced (default) | first
     resources: {cpu: 1, gpu: 0}    # per trial; fractional GPUs share a card
     tracking: {experiment: quick}  # MLflow experiment (default: the study name)
     failures: {max_retries: 2}     # a trial whose worker dies (node lost) runs again up to 2 times
 
-Everything is checked before anything runs; errors name the field (`defenses[1].sweep.lr: ...`).
+`attacks:` expands its entry, in place and in order, into one victim per element before
+anything is validated (so `defenses[i].victims` and the dry run count the expanded list). An
+element sets only the attack fields (ATTACK_FIELDS): `attack` (required), `attack_params`
+(default {}: the attack's own defaults, never the entry's or the recipe's), `target`,
+`target_mode`, `poison_rate`, `poison_count`; the entry (and its recipe) gives the rest. An
+element's `poison_rate` without `poison_count` clears a `poison_count` the entry or recipe set
+(so the rate it names is the one used). The entry itself may not set `attack` or
+`attack_params`, and two elements may not make the same victim.
+
+Everything is checked before anything runs; errors name the field (`defenses[1].sweep.lr: ...`,
+`victims[2].attacks[1].attack_params: ...`).
 A trial is one (victim, defence, swept values, clean budget, subset seed); its id is a hash
-of exactly those, so a resumed study recognises the trials it has already finished.
+of exactly those, so a resumed study recognises the trials it has already finished (a victim
+from `attacks:` has the id it would have had written out as its own entry).
 """
 from __future__ import annotations
 
@@ -39,6 +57,8 @@ from search_spaces import Axis, config_field, parse_axis
 PRESETS = Path(__file__).parent / "presets"
 TOP_KEYS = {"name", "description", "victims", "defenses", "clean", "resources", "tracking", "max_concurrent",
             "failures"}
+# what one element of a victim entry's `attacks:` may set (the VictimSpec fields that make the attack)
+ATTACK_FIELDS = ("attack", "attack_params", "target", "target_mode", "poison_rate", "poison_count")
 
 
 class SpecError(ValueError):
@@ -74,6 +94,7 @@ class StudySpec:
     clean_rule: str = "balanced"   # how clean subsets are drawn (backdoor.data.clean_subset)
     description: str = ""
     raw: dict = field(default_factory=dict)   # the spec as read (written back as study.yaml)
+    victim_sources: list[str] = field(default_factory=list)  # per victim: `victims[0]` or `victims[0].attacks[2]`
 
     def budgets(self, defense: DefenseSpec) -> list[tuple[float | None, int | None]]:
         """(clean_fraction, shots) pairs a defence runs at; data-free defences get one, (None, None)."""
@@ -147,26 +168,14 @@ def parse_spec(raw: Any, source: str = "spec") -> StudySpec:
     if not isinstance(name, str) or not name.strip():
         raise SpecError(f"name: a study needs a non-empty name, got {name!r}")
 
-    victims = []
     raw_victims = raw.get("victims") or [{}]
     if not isinstance(raw_victims, list):
         raise SpecError(f"victims: must be a list of victim specs, got {raw_victims!r}")
+    victims, sources = [], []
     for i, v in enumerate(raw_victims):
-        if not isinstance(v, dict):
-            raise SpecError(f"victims[{i}]: must be a mapping of VictimSpec fields, got {v!r}")
-        v = dict(v)
-        base = VictimSpec().to_dict()
-        if "recipe" in v:
-            recipe = v.pop("recipe")
-            if recipe not in PAPER_VICTIMS:
-                raise SpecError(f"victims[{i}].recipe: unknown recipe {recipe!r}; known: {sorted(PAPER_VICTIMS)}")
-            base = paper_victim(recipe).to_dict()
-        try:
-            spec = VictimSpec.from_dict({**base, **v})
-            spec.validate()
-        except (ValueError, TypeError) as err:
-            raise SpecError(f"victims[{i}].{err}") from err
-        victims.append(spec)
+        for where, spec in _parse_victim_entry(v, f"victims[{i}]"):
+            victims.append(spec)
+            sources.append(where)
 
     raw_defenses = raw.get("defenses")
     if not isinstance(raw_defenses, list) or not raw_defenses:
@@ -214,7 +223,81 @@ def parse_spec(raw: Any, source: str = "spec") -> StudySpec:
     return StudySpec(name=name, victims=victims, defenses=defenses, fractions=fractions, shots=shots,
                      subset_seeds=seeds, cpu=float(cpu), gpu=float(gpu), max_retries=max_retries, clean_rule=clean_rule,
                      experiment=tracking.get("experiment") or name, max_concurrent=max_concurrent,
-                     description=str(raw.get("description", "")), raw=raw)
+                     description=str(raw.get("description", "")), raw=raw, victim_sources=sources)
+
+
+def attack_label(victim: dict) -> str:
+    """What a victim's attack is called in results and runs: the attack's name; a blended
+    BadNets patch adds its opacity (`"badnets alpha=0.6"`); an all-to-all victim
+    (`target_mode`; spec dicts written before the field existed lack it) adds `" all-to-all"`."""
+    name = str(victim.get("attack", ""))
+    alpha = (victim.get("attack_params") or {}).get("alpha", 1.0)
+    if name == "badnets" and alpha != 1.0:
+        name += f" alpha={alpha:g}"
+    return f"{name} all-to-all" if victim.get("target_mode", "all_to_one") == "all_to_all" else name
+
+
+def _victim(fields: dict, where, whole: str) -> VictimSpec:
+    """A validated VictimSpec; an error is prefixed with `where(field)` (the entry or `attacks`
+    element that set the field the message starts with) or, when no field leads it, `whole`."""
+    try:
+        spec = VictimSpec.from_dict(fields)
+        spec.validate()
+    except (ValueError, TypeError) as err:
+        first = str(err).split(":", 1)[0]
+        raise SpecError(f"{where(first) if first in fields else whole}.{err}") from err
+    return spec
+
+
+def _parse_victim_entry(v: Any, at: str) -> list[tuple[str, VictimSpec]]:
+    """One `victims[i]` entry -> [(where, VictimSpec)]: itself, or one per element of its `attacks`."""
+    if not isinstance(v, dict):
+        raise SpecError(f"{at}: must be a mapping of VictimSpec fields, got {v!r}")
+    v = dict(v)
+    base = VictimSpec().to_dict()
+    if "recipe" in v:
+        recipe = v.pop("recipe")
+        if recipe not in PAPER_VICTIMS:
+            raise SpecError(f"{at}.recipe: unknown recipe {recipe!r}; known: {sorted(PAPER_VICTIMS)}")
+        base = paper_victim(recipe).to_dict()
+    if "attacks" not in v:
+        return [(at, _victim({**base, **v}, lambda _: at, at))]
+    attacks = v.pop("attacks")
+    for key in ("attack", "attack_params"):
+        if key in v:
+            raise SpecError(f"{at}.{key}: cannot be combined with attacks; give each attack (and its attack_params) "
+                            f"as an element of {at}.attacks")
+    if not isinstance(attacks, list) or not attacks:
+        raise SpecError(f"{at}.attacks: must be a non-empty list of attack names or mappings of "
+                        f"{', '.join(ATTACK_FIELDS)}; got {attacks!r}")
+    known = {f.name for f in dataclasses.fields(VictimSpec)}
+    out, seen = [], {}
+    for k, a in enumerate(attacks):
+        where = f"{at}.attacks[{k}]"
+        if isinstance(a, str):
+            a = {"attack": a}
+        elif not isinstance(a, dict):
+            raise SpecError(f"{where}: must be an attack name or a mapping of {', '.join(ATTACK_FIELDS)}; got {a!r}")
+        for key in a:
+            if key not in ATTACK_FIELDS:
+                raise SpecError(f"{where}.{key}: not an attack field; an element of attacks sets only "
+                                f"{', '.join(ATTACK_FIELDS)} (other fields go in {at} itself)")
+            if key not in known:
+                raise SpecError(f"{where}.{key}: this version's VictimSpec has no field {key!r}")
+        if "attack" not in a:
+            raise SpecError(f"{where}.attack: required (the attack's name)")
+        if not isinstance(a["attack"], str):
+            raise SpecError(f"{where}.attack: must be an attack name, got {a['attack']!r}")
+        a = {"attack_params": {}, **a}        # the attack's own defaults, not the entry's or recipe's
+        if "poison_rate" in a and "poison_count" not in a:
+            a["poison_count"] = None            # the element's rate is the one used
+        spec = _victim({**base, **v, **a}, lambda f, a=a, where=where: where if f in a else at, at)
+        key = json.dumps(spec.to_dict(), sort_keys=True, default=str)
+        if key in seen:
+            raise SpecError(f"{where}: the same victim as {seen[key]}")
+        seen[key] = where
+        out.append((where, spec))
+    return out
 
 
 def _parse_defense(d: Any, where: str, n_victims: int) -> DefenseSpec:
@@ -285,8 +368,16 @@ def load_spec(preset: str | None = None, config: str | Path | None = None) -> St
 
 
 def count_summary(spec: StudySpec, trials: list[dict]) -> str:
-    """One line per defence: how many trials and from which axes (for --dry-run and the log)."""
-    lines = []
+    """One line per victim (what its attack is, where in the spec it comes from), then one per
+    defence: how many trials and from which axes (for --dry-run and the log)."""
+    sources = spec.victim_sources or [f"victims[{i}]" for i in range(len(spec.victims))]
+    lines = [f"  victims ({len(spec.victims)}):"]
+    for i, (v, where) in enumerate(zip(spec.victims, sources)):
+        d = v.to_dict()
+        poison = (f"{d['poison_count']} poisoned" if d.get("poison_count") is not None
+                  else f"poison rate {d['poison_rate']:g}")
+        lines.append(f"    {i:2d} {where:22s} {attack_label(d)} {json.dumps(d['attack_params'], sort_keys=True)}, "
+                     f"target {d['target']}, {poison}; {d['dataset']} {d['model']}")
     for d in spec.defenses:
         axes = " x ".join(f"{k} {len(a.grid())}" for k, a in d.sweep.items()) or "no sweep"
         budgets = len(spec.budgets(d))
@@ -299,5 +390,5 @@ def count_summary(spec: StudySpec, trials: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DefenseSpec", "PRESETS", "SpecError", "StudySpec", "count_summary", "expand_trials", "load_spec",
-           "parse_spec"]
+__all__ = ["ATTACK_FIELDS", "DefenseSpec", "PRESETS", "SpecError", "StudySpec", "attack_label", "count_summary",
+           "expand_trials", "load_spec", "parse_spec"]

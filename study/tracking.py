@@ -5,7 +5,9 @@ reports reach the driver, which is the single writer of the tracking store (no "
 locked" from a sqlite store however many trials finish at once). Per-epoch metrics are
 buffered and written in one batch when the trial ends. A row is appended to `results.csv`
 (and flushed to disk) as each trial ends, so a killed driver loses nothing finished; its
-per-epoch ACC / ASR go to `epochs.csv` just before.
+per-epoch ACC / ASR go to `epochs.csv` just before. The `attack` column (and run tag) is
+`attack_label` of the trial's victim: the attack's name, `"<name> all-to-all"` for an
+all-to-all victim.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from backdoor.defenses import build_defense
 from backdoor.diagnostics import SUMMARY_KEYS, is_diagnostic
 from search_spaces import GENERIC_AXES
 
-from .spec import StudySpec
+from .spec import StudySpec, attack_label  # attack_label lives in spec (no Ray / MLflow for the dry run)
 
 BASE_COLUMNS = ["trial_id", "defense", "victim_id", "attack", "trigger_size", "lr", "lam", "clean_fraction",
                 "generator_size", "subset_seed", "acc", "asr", "acc_drop", "status", "mlflow_run_id"]
@@ -117,11 +119,14 @@ def _short(v: Any) -> str:
     return str(v)
 
 
-def run_name(trial: dict) -> str:
-    """A child run's name, saying what the trial is: defence, each swept axis value (2
+def run_name(trial: dict, attack: str | None = None) -> str:
+    """A child run's name, saying what the trial is: defence, the attack label when given
+    (`StudyRecorder` gives it when the study has more than one), each swept axis value (2
     significant digits), the clean budget and the subset seed, e.g. `ft lr=0.014 2% s0`,
-    `nad lr=0.01 10 shots s1`, `dhbe lr=0.1 s0` (data-free). The trial id is a tag."""
-    parts = [str(trial["defense"])] + [f"{k}={_short(v)}" for k, v in (trial.get("axes") or {}).items()]
+    `nad lr=0.01 10 shots s1`, `dhbe lr=0.1 s0` (data-free), `ft sig lr=0.014 2% s0`. The
+    trial id is a tag."""
+    parts = ([str(trial["defense"])] + ([attack] if attack else [])
+             + [f"{k}={_short(v)}" for k, v in (trial.get("axes") or {}).items()])
     if trial.get("clean_fraction") is not None:
         parts.append(f"{float(trial['clean_fraction']) * 100:.3g}%")
     elif trial.get("shots") is not None:
@@ -144,6 +149,8 @@ class StudyRecorder(tune.Callback):
         self.open: dict[str, dict] = {}       # tune trial id -> {run_id, trial, epochs, final, t0}
         self.failed = 0
         self.t_start = time.perf_counter()
+        # run names carry the attack only when it tells trials apart
+        self.name_attacks = len({attack_label(v.to_dict()) for v in spec.victims}) > 1
 
     # --- Tune callback hooks -------------------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -153,8 +160,10 @@ class StudyRecorder(tune.Callback):
         t = self.resolve(trial.config)
         v = self.victims[t["victim_index"]]
         spec_victim = v["spec"]
-        tags = {"mlflow.parentRunId": self.parent_run_id, "mlflow.runName": run_name(t),
-                "defense": t["defense"], "attack": spec_victim["attack"], "victim_id": v["victim_id"],
+        label = attack_label(spec_victim)
+        tags = {"mlflow.parentRunId": self.parent_run_id,
+                "mlflow.runName": run_name(t, label if self.name_attacks else None),
+                "defense": t["defense"], "attack": label, "victim_id": v["victim_id"],
                 "trial_id": t["trial_id"], "study": self.spec.name}
         run = self.client.create_run(self.experiment_id, tags=tags)
         full = dataclasses.asdict(build_defense(t["defense"], t["config"]).config)  # every field, defaults included
@@ -229,7 +238,7 @@ class StudyRecorder(tune.Callback):
     def _row(self, t: dict, final: dict, status: str, error: str, run_id: str, config: dict) -> dict:
         v = self.victims[t["victim_index"]]
         row = {"trial_id": t["trial_id"], "defense": t["defense"], "victim_id": v["victim_id"],
-               "attack": v["spec"]["attack"], "trigger_size": v["spec"]["attack_params"].get("trigger_size", ""),
+               "attack": attack_label(v["spec"]), "trigger_size": v["spec"]["attack_params"].get("trigger_size", ""),
                "clean_fraction": t["clean_fraction"] if t["clean_fraction"] is not None else "",
                "shots": t["shots"] if t["shots"] is not None else "", "subset_seed": t["subset_seed"],
                "status": status, "mlflow_run_id": run_id, "error": error}
