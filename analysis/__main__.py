@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for s in out["ranking"]:
-        print(f"{s['rank']}. {s['defense']:5s} safe {s['safe_share'] * 100:3.0f}%  pick ASR {s['pick_asr']:6.2f}  "
-              f"worst ASR {s['worst_asr']:6.2f}  mean ACC {s['mean_acc']:6.2f}")
+        attack = f"{s['attack']} " if "attack" in s else ""
+        print(f"{attack}{s['rank']}. {s['defense']:5s} safe {s['safe_share'] * 100:3.0f}%  "
+              f"pick ASR {s['pick_asr']:6.2f}  worst ASR {s['worst_asr']:6.2f}  mean ACC {s['mean_acc']:6.2f}")
     return 0
 
 

@@ -14,25 +14,27 @@ from pathlib import Path
 import pandas as pd
 
 from . import plots
+from .attacks import amplified_groups, attack_table
 from .failures import CollapseRule, label_trials, what_went_wrong
 from .logistic import LogisticFit, fit_logistic
-from .measures import Thresholds, groups, rank, summarize
+from .measures import Thresholds, groups, key_fields, rank, summarize
 from .report import write_report
 from .table import load_epochs, load_results, swept_axes
 
 
 def fit_all(df: pd.DataFrame, *, form: str, n_boot: int, seed: int,
-            min_acc: float = 0.0, exclude: pd.Series | None = None) -> dict[tuple[str, str], LogisticFit]:
-    """One logistic fit per (defence, budget) group, pooled budgets included. Trials below
+            min_acc: float = 0.0, exclude: pd.Series | None = None) -> dict[tuple[str, ...], LogisticFit]:
+    """One logistic fit per group of `measures.groups`: (defence, budget), pooled budgets
+    included, or (defence, budget, attack) when the table has several attacks. Trials below
     `min_acc`, and those `exclude` marks (collapsed models, off the trade-off curve), are left
     out of the fits."""
     fits = {}
-    for defense, budget, rows in groups(df):
+    for key, rows in groups(df):
         keep = (rows["status"] == "finished") & (rows["acc"] >= min_acc)
         if exclude is not None:
             keep &= ~exclude[rows.index]
         done = rows[keep]
-        fits[(defense, budget)] = fit_logistic(done["acc"], done["asr"], form=form, n_boot=n_boot, seed=seed)
+        fits[key] = fit_logistic(done["acc"], done["asr"], form=form, n_boot=n_boot, seed=seed)
     return fits
 
 
@@ -57,7 +59,7 @@ def axis_plots(df: pd.DataFrame, palette: dict, plot_dir: Path) -> dict[str, Pat
 def measure_study(df: pd.DataFrame, *, thresholds: Thresholds = Thresholds(), form: str = "4p", n_boot: int = 200,
                   seed: int = 0, fit_min_acc: float = 0.0, collapse: CollapseRule = CollapseRule(),
                   keep_collapsed: bool = False, labels: pd.Series | None = None) -> tuple[dict, list[dict], list[dict]]:
-    """Fits, per-(defence, budget) measures and the ranking of a trial table; writes nothing
+    """Fits, per-(defence, budget[, attack]) measures and the ranking of a trial table; writes nothing
     (a regression run compares these without touching the study's report). Collapsed trials
     (`analysis.failures`; `labels` if the caller has them) are left out of the fits unless
     `keep_collapsed`."""
@@ -68,10 +70,10 @@ def measure_study(df: pd.DataFrame, *, thresholds: Thresholds = Thresholds(), fo
     fits = fit_all(df, form=form, n_boot=n_boot, seed=seed, min_acc=fit_min_acc,
                    exclude=None if keep_collapsed else labels == "collapsed")
     summaries = []
-    for defense, budget, rows in groups(df):
-        fit = fits[(defense, budget)]
+    for key, rows in groups(df):
+        fit = fits[key]
         at = fit.acc_at_asr(thresholds.safe_asr)
-        summaries.append({"defense": defense, "budget": budget, **summarize(rows, thresholds),
+        summaries.append({**key_fields(key), **summarize(rows, thresholds),
                           "acc_at_safe_asr": at, "crossing": fit.crossing(thresholds.safe_asr),
                           "extrapolated": bool(at == at and not fit.acc_min <= at <= fit.acc_max)})
     return fits, summaries, rank(summaries)
@@ -105,7 +107,9 @@ def analyze(directory: str | Path, *, thresholds: Thresholds = Thresholds(), for
         drawn = {"tradeoff": plots.tradeoff(df, fits, palette, thresholds.safe_asr, plot_dir / "tradeoff.png"),
                  **axis_plots(df, palette, plot_dir),
                  "heatmap": plots.heatmap(df, plot_dir / "trigger_x_generator.png"),
-                 "amplified": plots.amplified(df, palette, picks, plot_dir / "amplified.png"),
+                 "amplified": plots.amplified(amplified_groups(df), palette, picks, plot_dir / "amplified.png"),
+                 "attack_x_defense": plots.attack_x_defense(attack_table(df, thresholds),
+                                                            plot_dir / "attack_x_defense.png"),
                  "trajectories": None if epochs is None else plots.trajectories(epochs, df,
                                                                                  plot_dir / "trajectories.png")}
         figures = {k: p for k, p in drawn.items() if p is not None}
@@ -114,10 +118,10 @@ def analyze(directory: str | Path, *, thresholds: Thresholds = Thresholds(), for
     fits_path.write_text(json.dumps(
         {"thresholds": dataclasses.asdict(thresholds), "fit_min_acc": fit_min_acc,
          "collapse": dataclasses.asdict(collapse), "collapsed_in_fits": keep_collapsed,
-         "fits": [{"defense": d, "budget": b, **f.to_dict(),
+         "fits": [{**key_fields(key), **f.to_dict(),
                    "acc_at_safe_asr": _json_float(f.acc_at_asr(thresholds.safe_asr)),
                    "crossing": f.crossing(thresholds.safe_asr)}
-                  for (d, b), f in fits.items()]}, indent=2))
+                  for key, f in fits.items()]}, indent=2))
     report_path = write_report(directory, df, summaries, ranking, fits, figures, thresholds,
                                has_epochs=epochs is not None, fit_min_acc=fit_min_acc, labels=labels,
                                keep_collapsed=keep_collapsed, went_wrong=went_wrong)

@@ -24,6 +24,7 @@ import pandas as pd
 from .table import swept_axes
 
 ALL_BUDGETS = "all"
+KEY_FIELDS = ("defense", "budget", "attack")
 SELECTIONS = ("within_drop", "max_acc")
 
 
@@ -44,16 +45,42 @@ class Thresholds:
             raise ValueError(f"selection: {self.selection!r} is not one of {SELECTIONS}")
 
 
-def groups(df: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
-    """(defence, budget, rows): every defence at each of its budgets, then pooled over its
-    budgets ('all') where it has more than one. Budgets in ascending order, data-free first."""
+def attacks(df: pd.DataFrame) -> list[str]:
+    """The table's attacks (column `attack`, every trial, in order of appearance) when there
+    are several; [] for one attack or no `attack` column (then groups carry no attack)."""
+    if "attack" not in df.columns:
+        return []
+    names = list(dict.fromkeys(attack_column(df)))
+    return names if len(names) > 1 else []
+
+
+def attack_column(df: pd.DataFrame) -> pd.Series:
+    """Column `attack` as stripped labels; an empty cell reads 'unknown'."""
+    return df["attack"].fillna("").astype(str).str.strip().replace("", "unknown")
+
+
+def key_fields(key: tuple[str, ...]) -> dict[str, str]:
+    """A group key as {'defense', 'budget'} (+ 'attack' when the study has several attacks)."""
+    return dict(zip(KEY_FIELDS, key))
+
+
+def groups(df: pd.DataFrame) -> list[tuple[tuple[str, ...], pd.DataFrame]]:
+    """(key, rows): every defence at each of its budgets, then pooled over its budgets ('all')
+    where it has more than one. Budgets in ascending order, data-free first. The key is
+    (defence, budget), or (defence, budget, attack) when the table has several attacks (then
+    each defence's attacks in order of appearance, each with its budgets and pooled row)."""
     out = []
+    names = attacks(df)
+    labels = attack_column(df) if names else None
     for defense in sorted(df["defense"].unique(), key=list(df["defense"]).index):
         rows = df[df["defense"] == defense]
-        order = rows.drop_duplicates("budget").sort_values("budget_value")["budget"]
-        out += [(defense, b, rows[rows["budget"] == b]) for b in order]
-        if len(order) > 1:
-            out.append((defense, ALL_BUDGETS, rows))
+        for attack in [a for a in names if (labels[rows.index] == a).any()] or [None]:
+            sub = rows if attack is None else rows[labels[rows.index] == attack]
+            tail = () if attack is None else (attack,)
+            order = sub.drop_duplicates("budget").sort_values("budget_value")["budget"]
+            out += [((defense, b, *tail), sub[sub["budget"] == b]) for b in order]
+            if len(order) > 1:
+                out.append(((defense, ALL_BUDGETS, *tail), sub))
     return out
 
 
@@ -87,7 +114,7 @@ def defender_pick(rows: pd.DataFrame, th: Thresholds) -> pd.DataFrame:
 
 
 def summarize(rows: pd.DataFrame, th: Thresholds) -> dict:
-    """The measures of one (defence, budget) group (see the module docstring)."""
+    """The measures of one (defence, budget[, attack]) group (see the module docstring)."""
     done = rows[rows["status"] == "finished"]
     safe = (done["asr"] <= th.safe_asr) & (done["acc_drop"] <= th.safe_drop)
     pick = defender_pick(rows, th)
@@ -115,11 +142,19 @@ def _configs(pick: pd.DataFrame, axes: list[str]) -> list[str]:
 
 def rank(summaries: list[dict]) -> list[dict]:
     """Defences ordered by robustness: safe share (high first), then the defender-pick ASR and
-    the worst-case ASR (low first). Uses each defence's pooled row ('all', or its only budget)."""
+    the worst-case ASR (low first). Uses each defence's pooled row ('all', or its only budget).
+    Summaries with an 'attack' are ranked per attack (attacks in order of appearance)."""
     pooled = {}
     for s in summaries:
-        if s["budget"] == ALL_BUDGETS or s["defense"] not in pooled:
-            pooled[s["defense"]] = s
+        who = (s.get("attack"), s["defense"])
+        if s["budget"] == ALL_BUDGETS or who not in pooled:
+            pooled[who] = s
+    order = list(dict.fromkeys(a for a, _ in pooled))
     last = lambda v: math.inf if v != v else v  # noqa: E731 - a defence with no finished trial ranks last
-    ordered = sorted(pooled.values(), key=lambda s: (-s["safe_share"], last(s["pick_asr"]), last(s["worst_asr"])))
-    return [{**s, "rank": i + 1} for i, s in enumerate(ordered)]
+    ordered = sorted(pooled.values(), key=lambda s: (order.index(s.get("attack")), -s["safe_share"],
+                                                     last(s["pick_asr"]), last(s["worst_asr"])))
+    out, n = [], {}
+    for s in ordered:
+        n[s.get("attack")] = n.get(s.get("attack"), 0) + 1
+        out.append({**s, "rank": n[s.get("attack")]})
+    return out

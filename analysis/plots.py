@@ -15,6 +15,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .logistic import LogisticFit  # noqa: E402
+from .attacks import AmplifiedGroups, AttackTable  # noqa: E402
+from .measures import attack_column, attacks  # noqa: E402
 from .table import swept_axes  # noqa: E402
 
 DPI = 110
@@ -40,33 +42,45 @@ def _budgets(df: pd.DataFrame) -> list[str]:
     return list(df.drop_duplicates("budget").sort_values("budget_value")["budget"])
 
 
-def tradeoff(df: pd.DataFrame, fits: dict[tuple[str, str], LogisticFit], palette: dict, safe_asr: float,
+def tradeoff(df: pd.DataFrame, fits: dict[tuple[str, ...], LogisticFit], palette: dict, safe_asr: float,
              path: Path) -> Path:
-    """ACC-ASR scatter per data budget, with each defence's logistic fit and bootstrap band."""
+    """ACC-ASR scatter per data budget, with each defence's logistic fit and bootstrap band; one
+    row of panels per attack when the table has several."""
     done = df[df["status"] == "finished"]
     budgets = _budgets(done)
-    fig, axes = plt.subplots(1, len(budgets), figsize=(5.2 * len(budgets), 4.4), squeeze=False, sharey=True)
-    for ax, budget in zip(axes[0], budgets):
-        rows = done[done["budget"] == budget]
-        for defense, g in rows.groupby("defense", sort=False):
-            col = palette[defense]
-            ax.scatter(g["acc"], g["asr"], s=22, color=col, alpha=0.75, edgecolor="none", label=defense)
-            fit = fits.get((defense, budget))
-            if fit is not None and not fit.degenerate:
-                x = np.linspace(fit.acc_min, fit.acc_max, 200)
-                ax.plot(x, fit.predict(x), color=col, lw=1.8)
-                if fit.band_acc is not None:
-                    ax.fill_between(fit.band_acc, fit.band_lo, fit.band_hi, color=col, alpha=0.15, lw=0)
-        ax.axhline(safe_asr, color="grey", ls=":", lw=1)
-        ax.set(title=f"clean data: {budget}", xlabel="clean accuracy ACC (%)", ylim=(-3, 103))
-        ax.legend(fontsize=8, loc="upper left")
-    axes[0][0].set_ylabel("attack success rate ASR (%)")
-    fig.suptitle("ACC-ASR trade-off: trials (dots), logistic fit (line) and bootstrap band", y=1.02)
+    names = attacks(df)
+    labels = attack_column(done) if names else None
+    fig, axes = plt.subplots(max(len(names), 1), len(budgets), figsize=(5.2 * len(budgets), 4.4 * max(len(names), 1)),
+                             squeeze=False, sharey=True)
+    for row, attack in zip(axes, names or [None]):
+        for ax, budget in zip(row, budgets):
+            rows = done[done["budget"] == budget]
+            if attack is not None:
+                rows = rows[labels[rows.index] == attack]
+            for defense, g in rows.groupby("defense", sort=False):
+                col = palette[defense]
+                ax.scatter(g["acc"], g["asr"], s=22, color=col, alpha=0.75, edgecolor="none", label=defense)
+                fit = fits.get((defense, budget) + (() if attack is None else (attack,)))
+                if fit is not None and not fit.degenerate:
+                    x = np.linspace(fit.acc_min, fit.acc_max, 200)
+                    ax.plot(x, fit.predict(x), color=col, lw=1.8)
+                    if fit.band_acc is not None:
+                        ax.fill_between(fit.band_acc, fit.band_lo, fit.band_hi, color=col, alpha=0.15, lw=0)
+            ax.axhline(safe_asr, color="grey", ls=":", lw=1)
+            ax.set(title=("" if attack is None else f"{attack}, ") + f"clean data: {budget}",
+                   xlabel="clean accuracy ACC (%)", ylim=(-3, 103))
+            if len(rows):
+                ax.legend(fontsize=8, loc="upper left")
+        row[0].set_ylabel("attack success rate ASR (%)")
+    if names:
+        fig.subplots_adjust(hspace=0.35, top=1 - 0.16 / len(names))
+    fig.suptitle("ACC-ASR trade-off: trials (dots), logistic fit (line) and bootstrap band",
+                 y=1 - 0.04 / len(names) if names else 1.02)
     return _save(fig, path)
 
 
 def _band_note(rows: pd.DataFrame, axis: str) -> str:
-    others = [a for a in swept_axes(rows) if a != axis]
+    others = [a for a in swept_axes(rows) if a != axis] + (["attacks"] if attacks(rows) else [])
     return "subset seeds" + (f" and {', '.join(others)}" if others else "")
 
 
@@ -137,6 +151,7 @@ def versus_budget(df: pd.DataFrame, defenses: list[str], path: Path, most: int =
         axes[0][j].legend(fontsize=8, loc="lower left")
         _metric_axes(axes, j, g["budget_value"].to_numpy(dtype=float), LABELS["budget_value"])
     fig.suptitle("ACC and ASR vs clean-data budget (line: mean; band: min-max over subset seeds"
+                 + (", attacks" if attacks(done) else "")
                  + (" and other axes)" if any(len(swept_axes(done[done["defense"] == d])) > 1 for d in defenses)
                     else ")"), y=1.01)
     return _save(fig, path)
@@ -165,35 +180,65 @@ def heatmap(df: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def amplified(df: pd.DataFrame, palette: dict, picks: set[str], path: Path) -> Path | None:
-    """Mean ASR of the trigger as planted (x1) and amplified x4 / x9 per defence (DHBE Table 6),
-    over all trials (left) and over the defender's picks (right); dots are single trials."""
-    cols = [c for c in ("asr", "asr_x4", "asr_x9") if c in df.columns]
-    done = df[df["status"] == "finished"]
-    if len(cols) < 2 or done[cols[1:]].isna().all().all():
+def amplified(amp: AmplifiedGroups | None, palette: dict, picks: set[str], path: Path) -> Path | None:
+    """Mean ASR of the trigger as planted (x1) and amplified x4 / x9 per defence (or defence /
+    attack; DHBE Table 6), over all trials (left) and over the defender's picks (right); dots
+    are single trials. Empty (NaN) amplified cells are left out; groups without any are not drawn."""
+    if amp is None or not amp.groups:
         return None
+    cols = amp.columns
     names = {"asr": "x1 (as planted)", "asr_x4": "x4 amplified", "asr_x9": "x9 amplified"}
-    defenses = list(dict.fromkeys(done["defense"]))
-    fig, axes = plt.subplots(1, 2, figsize=(2.4 + 2.6 * len(defenses), 4.4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(2.4 + 2.6 * len(amp.groups), 4.4), sharey=True)
     width = 0.8 / len(cols)
     rng = np.random.default_rng(0)
-    for ax, rows, title in ((axes[0], done, "all trials"), (axes[1], done[done["trial_id"].isin(picks)],
-                                                             "defender's picks (clean accuracy only)")):
+    for ax, only_picks, title in ((axes[0], False, "all trials"),
+                                  (axes[1], True, "defender's picks (clean accuracy only)")):
+        labelled = set()
         for i, (c, hatch) in enumerate(zip(cols, ("", "//", "xx"))):
-            for d_i, defense in enumerate(defenses):
-                vals = rows.loc[rows["defense"] == defense, c].dropna().to_numpy()
+            for g_i, (defense, _, rows) in enumerate(amp.groups):
+                if only_picks:
+                    rows = rows[rows["trial_id"].isin(picks)]
+                vals = rows[c].dropna().to_numpy()
                 if not vals.size:
                     continue
-                x = d_i + (i - (len(cols) - 1) / 2) * width
+                x = g_i + (i - (len(cols) - 1) / 2) * width
                 ax.bar(x, vals.mean(), width, color=palette[defense], hatch=hatch, edgecolor="black", lw=0.5,
-                       label=names[c] if d_i == 0 else None)
+                       label=None if c in labelled else names[c])
+                labelled.add(c)
                 ax.scatter(x + rng.uniform(-width / 4, width / 4, vals.size), vals, s=6, color="black", zorder=3)
-        ax.set_xticks(range(len(defenses)), defenses)
+        ax.set_xticks(range(len(amp.groups)), [d if a is None else f"{d}\n{a}" for d, a, _ in amp.groups])
         ax.set(title=title, ylim=(0, 105))
         ax.grid(axis="x", visible=False)
     axes[0].set_ylabel("attack success rate ASR (%)")
     axes[0].legend(fontsize=8, loc="upper left")
     fig.suptitle("ASR of the planted and amplified trigger after purification (bar: mean; dots: trials)", y=1.02)
+    return _save(fig, path)
+
+
+def attack_x_defense(table: AttackTable | None, path: Path) -> Path | None:
+    """Two heat maps, rows = attacks, columns = defences, pooled over clean budgets: the safe
+    share (%) and the median ASR of the defender's picks. A defence not run on an attack is a
+    grey cell without a number."""
+    if table is None:
+        return None
+    attacks_, defenses = list(table.safe_share.index), list(table.safe_share.columns)
+    fig, axes = plt.subplots(1, 2, figsize=(3 + 2 * 1.1 * len(defenses), 1.6 + 0.55 * len(attacks_)))
+    panels = ((axes[0], table.safe_share * 100, "Greens", "safe share (%)", "{:.0f}"),
+              (axes[1], table.pick_asr, "Reds", "defender's pick ASR (%, median)", "{:.1f}"))
+    for ax, values, cmap, label, fmt in panels:
+        v = values.to_numpy(dtype=float)
+        cm = plt.get_cmap(cmap).with_extremes(bad="lightgrey")
+        im = ax.imshow(np.ma.masked_invalid(v), cmap=cm, vmin=0, vmax=100, aspect="auto")
+        ax.set_xticks(range(len(defenses)), defenses, rotation=30, ha="right")
+        ax.set_yticks(range(len(attacks_)), attacks_)
+        for (i, j), x in np.ndenumerate(v):
+            if np.isfinite(x):
+                ax.text(j, i, fmt.format(x), ha="center", va="center", fontsize=9,
+                        color="white" if x > 60 else "black")
+        ax.set(title=label)
+        ax.grid(False)
+        fig.colorbar(im, ax=ax, label=label)
+    fig.suptitle("attack x defence, pooled over clean budgets (grey: not run / no finished trial)", y=1.02)
     return _save(fig, path)
 
 
