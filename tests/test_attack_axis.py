@@ -229,8 +229,11 @@ def _expected_trials(spec) -> int:
 def test_attacks_digits_preset():
     spec = load_spec("attacks-digits")
     assert [v.attack for v in spec.victims] == ["badnets", "blend", "sig", "wanet", "trojan", "lc", "bpp"]
-    assert spec.victims[0].attack_params == {"trigger_size": 3} and all(v.attack_params == {} for v in spec.victims[1:])
-    assert {(v.dataset, v.model, v.target, v.poison_rate) for v in spec.victims} == {("digits", "small_cnn", 0, 0.1)}
+    assert spec.victims[0].attack_params == {"trigger_size": 3} and spec.victims[1].attack_params == {}
+    assert {(v.dataset, v.model, v.target) for v in spec.victims} == {("digits", "small_cnn", 0)}
+    # the working sets that implant each attack in the digits small_cnn (see the preset's header)
+    assert {v.attack: v.poison_rate for v in spec.victims if v.poison_rate != 0.1} == {"sig": 0.08, "lc": 0.08}
+    assert spec.victims[6].attack_params == {"bits": 2} and spec.victims[3].attack_params == {"strength": 4.0}
     assert [d.name for d in spec.defenses] == ["ft", "fp", "nad", "nft"]
     assert all(not d.sweep and not d.config and d.victims is None for d in spec.defenses)
     assert (spec.fractions, spec.shots, spec.subset_seeds, spec.cpu, spec.gpu) == ([0.1], [], [0], 1.0, 0.0)
