@@ -251,7 +251,7 @@ def test_paper_attacks_dry_run_counts_every_attack_x_defence(tmp_path, monkeypat
                        ("badnets", {"trigger_size": 3, "alpha": 0.6}, 0.1, None),
                        ("blend", {"alpha": 0.2}, 0.1, None), ("sig", {"rate_of": "training_set"}, 0.08, None),
                        ("wanet", {}, 0.1, None), ("trojan", {"trigger_size": 5}, 0.1, None), ("lc", {}, 0.1, 300),
-                       ("bpp", {}, 0.1, None)]
+                       ("bpp", {"bits": 3}, 0.1, None)]
     assert all((v.dataset, v.model, v.epochs, v.target) == ("cifar10", "resnet18", 200, 0) for v in spec.victims)
     assert sorted({d.name for d in spec.defenses}) == ["dhbe", "fp", "ft", "nad", "nft"]
     assert (spec.fractions, spec.subset_seeds, spec.cpu, spec.gpu) == ([0.01, 0.04], [0, 1, 2, 3, 4], 4.0, 0.25)
