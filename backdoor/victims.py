@@ -278,7 +278,9 @@ def get_or_train(spec: VictimSpec, cache_dir: str | os.PathLike | None = None, *
         poisoned, poisoned_index = splits.train, torch.zeros(0, dtype=torch.long)
     else:
         poisoned, poisoned_index = attack.poison(splits.train, seed=spec.seed, **spec.poison_arguments())
-    seed_everything(spec.seed)  # the same initial weights whether or not a reference was trained first
+    # a fresh model: a cache entry that failed to load may have written part of its weights into the
+    # first one, and the clean reference's training moved the global RNG
+    seed_everything(spec.seed)
     model = build_model(spec.model, splits.num_classes, splits.image_shape[0], splits.mean, splits.std)
     model = prepare_model(model, device)
     log(f"victim {victim_id}: training {spec.model} on {len(poisoned)} {spec.dataset} images "

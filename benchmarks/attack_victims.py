@@ -57,13 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         base = (paper_victim(a.recipe, **({"dataset": "imagefolder"} if a.data_root else {}), **fields)
                 if a.recipe else VictimSpec.from_dict({**VictimSpec().to_dict(), **fields}))
         base = scale_schedule(base, a.schedule_scale)
-    except (ValueError, json.JSONDecodeError) as err:
+        data = load_dataset(base.dataset, a.data_root, pool_fraction=base.pool_fraction, split_seed=base.split_seed,
+                            image_size=base.image_size)
+    except (ValueError, FileNotFoundError) as err:   # bad JSON is a ValueError too
         print(f"error: {err}", file=sys.stderr)
         return 2
     cache = a.cache_dir or tempfile.mkdtemp(prefix="attack-victims-")
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    data = load_dataset(base.dataset, a.data_root, pool_fraction=base.pool_fraction, split_seed=base.split_seed,
-                        image_size=base.image_size)
     rows = []
 
     def record(label: str, spec: VictimSpec, wall: float, victim) -> None:

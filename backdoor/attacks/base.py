@@ -124,8 +124,8 @@ class Attack:
     def _poison_count(self, train: ImageSet, candidates: torch.Tensor, rate: float | None, count: int | None) -> int:
         if (rate is None) == (count is None):
             raise ValueError("poison_rate / poison_count: give exactly one of them")
-        what = "target-class" if self.clean_label else "non-target" if self.target_mode == "all_to_one" else ""
-        pool = f"the {len(candidates)} {what} training images".replace("  ", " ")
+        what = "target-class " if self.clean_label else "non-target " if self.target_mode == "all_to_one" else ""
+        pool = f"the {len(candidates)} {what}training images"
         if count is not None:
             check(is_int(count) and 1 <= count <= len(candidates), "poison_count",
                   f"must be an integer in [1, {len(candidates)}] ({pool}), got {count!r}")

@@ -44,6 +44,7 @@ class WaNet(Attack):
         self.grid = ((identity + self.strength * noise / h) * self.grid_rescale).clamp(-1, 1)  # (1, H, W, 2)
 
     def _warp(self, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """Resample `x` on `grid`: one (1, H, W, 2) for the batch, or one per image."""
         grid = grid.to(device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1, -1)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True).clamp(0, 1)
 
@@ -65,9 +66,7 @@ class WaNet(Attack):
         _, h, w = self.image_shape
         jitter = (torch.rand(len(chosen), h, w, 2, generator=generator) * 2 - 1) / h
         grids = (self.grid + jitter).clamp(-1, 1)
-        x = to_float(train.x[chosen.to(train.device)])
-        return chosen, F.grid_sample(x, grids.to(x.device), mode="bilinear", padding_mode="border",
-                                     align_corners=True)
+        return chosen, self._warp(to_float(train.x[chosen.to(train.device)]), grids)
 
     def params(self) -> dict:
         return {**super().params(), "grid_size": self.grid_size, "strength": self.strength,
