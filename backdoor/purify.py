@@ -3,9 +3,11 @@
     python -m backdoor.purify --defense nft --shots 10
     python -m backdoor.purify --defense dhbe --defense-config '{"epochs": 10, "iters_per_epoch": 10}'
     python -m backdoor.purify --defense fp --shots 2 --defense-config '{"lr": 0.02, "prune_ratio": 0.5}'
+    python -m backdoor.purify --defense clp --defense-config '{"u": 2.5}'
 
-Defences: nft, dhbe, and the baselines ft, fp, nad, anp, nc (NC is told the victim's
-target class unless its config sets `target` or `detect`). The victim comes from
+Defences: nft, dhbe, and the baselines ft, fp, nad, anp, nc, clp, ibau, ftsam, rnp (NC is
+told the victim's target class unless its config sets `target` or `detect`; dhbe and clp are
+data-free and take no clean-data flag). The victim comes from
 `backdoor.victims` (trained once, cached). The defence sees the
 clean subset drawn from the defender pool (data-free defences see nothing); the test set
 is used only by the evaluation callback. Prints a JSON summary; progress goes to stderr.

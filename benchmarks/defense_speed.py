@@ -1,7 +1,8 @@
 """Speed of the defences on the current device: time per NFT step and per DHBE iteration,
 and the projected time of the paper's full schedules (NFT 1,000 steps; DHBE 15,000 iterations);
-then the baselines (FT, FP, NAD, ANP, NC), each run once with its full default schedule on
-2,000 clean images, FT also with its final evaluation on a 10,000-image test set.
+then the baselines (FT, FP, NAD, ANP, NC, CLP, I-BAU, FT-SAM, RNP), each run once with its full
+default schedule on 2,000 clean images (CLP: none, it is data-free), each also with its final
+evaluation on a 10,000-image test set.
 
     python benchmarks/defense_speed.py                       # ResNet-18 CIFAR stem, 32x32, batch 128, n_s = 3
     python benchmarks/defense_speed.py --model small_cnn --channels 1 --image-size 16
@@ -36,6 +37,10 @@ from backdoor.models import build_model
 from backdoor.runtime import resolve_device
 
 NFT_FULL_STEPS, DHBE_FULL_ITERATIONS = 1000, 15_000
+WARM_UP = {"anp": {"iterations": 5, "reports": 1},  # a short run of each baseline before timing it on CUDA
+           "nad": {"epochs": 1, "samples_per_epoch": 128, "teacher_epochs": 1},
+           "nc": {"epochs": 1, "samples_per_epoch": 128, "reverse_epochs": 1, "reverse_steps_per_epoch": 2},
+           "clp": {}, "ibau": {"rounds": 1}, "rnp": {"unlearn_epochs": 1, "recover_epochs": 1, "reports": 1}}
 
 
 def timed(fn) -> float:
@@ -67,7 +72,7 @@ def main() -> None:
     p.add_argument("--skip", choices=["nft", "dhbe"], action="append", default=[])
     p.add_argument("--dhbe-execution", nargs="+", default=None, choices=["eager", "device", "graph"],
                    help="DHBE execution paths to time (default: eager device, and graph on CUDA)")
-    p.add_argument("--baselines", nargs="*", default=["ft", "fp", "nad", "anp", "nc"],
+    p.add_argument("--baselines", nargs="*", default=["ft", "fp", "nad", "anp", "nc", "clp", "ibau", "ftsam", "rnp"],
                    help="baselines to run with their full default schedule (none: skip)")
     p.add_argument("--baseline-images", type=int, default=2000, help="clean subset size for the baselines")
     p.add_argument("--test-images", type=int, default=10_000, help="test set for FT's final evaluation")
@@ -121,21 +126,19 @@ def baseline_times(a, model, shape, device) -> None:
     attack = BadNets(shape, 10)
     for name in a.baselines:
         config = {"target": 0} if name == "nc" else {}
+        data = None if name == "clp" else clean
         if device.type == "cuda":  # warm-up: cuDNN autotuning, allocator, lazy init
-            short = {"iterations": 5, "reports": 1} if name == "anp" else {"epochs": 1, "samples_per_epoch": 128}
-            if name == "nad":
-                short["teacher_epochs"] = 1
-            if name == "nc":
-                short.update(reverse_epochs=1, reverse_steps_per_epoch=2)
-            build_defense(name, {**config, **short}).purify(model, clean, device=device)
+            short = WARM_UP.get(name, {"epochs": 1, "samples_per_epoch": 128})
+            build_defense(name, {**config, **short}).purify(model, data, device=device, image_shape=shape)
         defense = build_defense(name, config)
         t0 = time.perf_counter()
-        result = defense.purify(model, clean, device=device)
+        result = defense.purify(model, data, device=device, image_shape=shape)
         t_purify = time.perf_counter() - t0
         evaluate(result.model, test, attack)  # ends with a host read: synchronised
         t_total = time.perf_counter() - t0
-        steps = result.info.get("steps") or result.info["config"].get("iterations")
-        print(f"{name.upper():4s}: default schedule on {len(clean)} images {t_purify:8.2f} s, with evaluation on "
+        steps = result.info.get("steps") or result.info["config"].get("iterations") or 0
+        print(f"{name.upper():5s}: default schedule on {0 if data is None else len(data)} images {t_purify:8.2f} s, "
+              f"with evaluation on "
               f"{len(test)} test images {t_total:8.2f} s   ({steps} optimiser steps)", flush=True)
 
 

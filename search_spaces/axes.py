@@ -9,8 +9,10 @@ An axis is written in a spec as one of
 with `int: true` to round to integers (e.g. trigger-generator size).
 
 Generic axis names mean the same knob in every defence (`GENERIC_AXES`): `lr` is each
-defence's learning rate, `lam` its regulariser weight (NFT eta, DHBE lam, NAD beta scale,
-ANP alpha, NC initial cost), `generator_size` DHBE's trigger-generator size. Any other
+defence's main learning rate (ANP's mask lr, I-BAU's outer Adam lr, RNP's unlearning lr; CLP
+has none), `lam` its regulariser weight or strength knob (NFT eta, DHBE lam, NAD beta scale,
+ANP alpha, NC initial cost, CLP u, I-BAU's perturbation bound, FT-SAM rho, RNP's pruning
+threshold), `generator_size` DHBE's trigger-generator size. Any other
 axis name must be a config field of the defence. `clean_fraction`, `shots` and
 `subset_seed` are the study's own axes (the clean budget), not defence fields.
 """
@@ -21,8 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 GENERIC_AXES: dict[str, dict[str, str]] = {
-    "lr": {"nft": "lr", "dhbe": "lr", "ft": "lr", "fp": "lr", "nad": "lr", "anp": "mask_lr", "nc": "lr"},
-    "lam": {"nft": "eta", "dhbe": "lam", "nad": "beta_scale", "anp": "alpha", "nc": "init_cost"},
+    "lr": {"nft": "lr", "dhbe": "lr", "ft": "lr", "fp": "lr", "nad": "lr", "anp": "mask_lr", "nc": "lr",
+           "ibau": "lr", "ftsam": "lr", "rnp": "unlearn_lr"},
+    "lam": {"nft": "eta", "dhbe": "lam", "nad": "beta_scale", "anp": "alpha", "nc": "init_cost",
+            "clp": "u", "ibau": "pert_bound", "ftsam": "rho", "rnp": "threshold"},
     "generator_size": {"dhbe": "generator_size"},
 }
 BUDGET_AXES = ("clean_fraction", "shots", "subset_seed")

@@ -1,4 +1,5 @@
-"""Baseline defences (FT, FP, NAD, ANP, NC): the shared FT schedule, each method's defining
+"""Baseline defences (FT, FP, NAD, ANP, NC; I-BAU, FT-SAM and RNP for data access and bad input,
+their methods in test_defenses_wave2.py): the shared FT schedule, each method's defining
 property, data access, bad input, and the lr trade-off direction on a real backdoor."""
 import pytest
 import torch
@@ -18,10 +19,13 @@ from backdoor.models import build_model
 from backdoor.purify import run_defense
 
 SHORT = dict(epochs=2, samples_per_epoch=64, batch_size=16)  # the FT schedule, shrunk for tests
-BASELINES = ["ft", "fp", "nad", "anp", "nc"]
+BASELINES = ["ft", "fp", "nad", "anp", "nc", "ibau", "ftsam", "rnp"]
 TINY = {"ft": SHORT, "fp": SHORT, "nad": {**SHORT, "teacher_epochs": 1},
         "anp": dict(iterations=4, batch_size=16, reports=2),
-        "nc": {**SHORT, "target": 0, "reverse_epochs": 2, "reverse_steps_per_epoch": 2, "reverse_batch_size": 8}}
+        "nc": {**SHORT, "target": 0, "reverse_epochs": 2, "reverse_steps_per_epoch": 2, "reverse_batch_size": 8},
+        "ibau": dict(rounds=2, batch_size=16, fixed_point_iters=2),
+        "ftsam": SHORT,
+        "rnp": dict(unlearn_epochs=2, recover_epochs=2, reports=2, batch_size=16)}
 
 
 def _model(seed=0):
@@ -208,7 +212,8 @@ def test_a_baseline_touches_only_the_clean_subset(name, monkeypatch):
     victim.normalize.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].detach()))  # copied with the model
     result = build_defense(name, TINY[name]).purify(victim, data, device="cpu")
     assert result.history and seen
-    if name != "nc":  # NC also feeds images stamped with its reversed trigger, by design
+    if name not in ("nc", "ibau"):  # NC also feeds images stamped with its reversed trigger, I-BAU its
+        # perturbation, by design
         pixels = torch.cat([s.flatten() for s in seen]) * 255
         assert torch.allclose(pixels, (pixels / 2).round() * 2, atol=1e-3)
 
@@ -235,6 +240,18 @@ def test_a_baseline_refuses_a_missing_or_empty_clean_subset(name, subset):
     ("nc", {"unlearn_ratio": 1.5}, "unlearn_ratio: must be in [0, 1]"),
     ("ft", {"milestones": [15, 10]}, "milestones: must be an ascending list"),
     ("ft", {"epochs": 0}, "epochs: must be a positive integer"),
+    ("ftsam", {"rho": -1.0}, "rho: must be a finite number >= 0"),
+    ("ftsam", {"lr": 0}, "lr: must be > 0"),
+    ("ftsam", {"adaptive": "yes"}, "adaptive: must be true or false"),
+    ("ibau", {"pert_bound": 0}, "pert_bound: must be > 0"),
+    ("ibau", {"perturbed_share": 1.5}, "perturbed_share: must be in (0, 1]"),
+    ("ibau", {"fixed_point_iters": 0}, "fixed_point_iters: must be a positive integer"),
+    ("ibau", {"lr": -1e-3}, "lr: must be > 0"),
+    ("rnp", {"threshold": 1.2}, "threshold: must be in [0, 1]"),
+    ("rnp", {"clean_threshold": -0.1}, "clean_threshold: must be in [0, 1]"),
+    ("rnp", {"unlearn_lr": 0}, "unlearn_lr: must be > 0"),
+    ("rnp", {"prune_by": "ratio"}, "prune_by: must be 'threshold' or 'number'"),
+    ("rnp", {"unlearn_milestones": [20, 10]}, "unlearn_milestones: must be an ascending list"),
 ])
 def test_bad_config_is_refused_naming_the_field(name, config, message):
     with pytest.raises(ValueError) as err:
@@ -243,7 +260,7 @@ def test_bad_config_is_refused_naming_the_field(name, config, message):
 
 
 def test_every_baseline_is_registered():
-    assert {"ft", "fp", "nad", "anp", "nc"} <= set(DEFENSES)
+    assert {"ft", "fp", "nad", "anp", "nc", "clp", "ibau", "ftsam", "rnp"} <= set(DEFENSES)
 
 
 # --- the trade-off the study measures ------------------------------------------------------------

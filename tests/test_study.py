@@ -152,7 +152,7 @@ def test_recipe_victims_and_the_first_clean_rule_in_a_spec():
 def test_presets_are_valid_and_quick_has_what_the_quickstart_promises():
     quick = load_spec("quick")
     names = {d.name for d in quick.defenses}
-    assert {"nft", "dhbe", "ft", "fp", "nad", "anp", "nc"} <= names
+    assert {"nft", "dhbe", "ft", "fp", "nad", "anp", "nc", "clp", "ibau", "ftsam", "rnp"} <= names
     # curves, not steps: 5-6 values on every swept axis of a defence that uses data (DHBE: one point)
     assert all(len(axis.grid()) >= 5 for d in quick.defenses if d.name != "dhbe" for axis in d.sweep.values())
     assert len(quick.fractions) + len(quick.shots) >= 2
@@ -160,6 +160,7 @@ def test_presets_are_valid_and_quick_has_what_the_quickstart_promises():
     assert paper.victims[0].dataset == "cifar10" and paper.fractions == [0.01, 0.04]
     assert paper.victims[0].poison_count == 300 and [v.trigger_size for v in paper.victims] == [3, 1, 2, 5, 7]
     assert len(expand_trials(paper)) > 300
+    assert {"clp", "ibau", "ftsam", "rnp"} <= {d.name for d in paper.defenses}
 
 
 # --- real studies on local Ray -----------------------------------------------------------------

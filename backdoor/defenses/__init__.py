@@ -1,18 +1,25 @@
 """Backdoor purification defences: a small base class (`Defense`) and a registry (`DEFENSES`).
 
-A new defence is one module with a config dataclass (the paper's defaults) and a
-`Defense` subclass implementing `_purify`, plus one line in `DEFENSES` below.
+Seed methods: NFT (`nft`), DHBE (`dhbe`, data-free). Baselines: FT (`ft`), Fine-pruning (`fp`),
+NAD (`nad`), ANP (`anp`), Neural Cleanse (`nc`), CLP (`clp`, data-free, no training), I-BAU
+(`ibau`), FT-SAM (`ftsam`), RNP (`rnp`). A new defence is one module with a config dataclass
+(the paper's defaults) and a `Defense` subclass implementing `_purify`, plus one line in
+`DEFENSES` below.
 """
 from __future__ import annotations
 
 from .anp import ANP, ANPConfig
 from .base import Defense, DefenseDiverged, DefenseResult, EpochCallback
+from .clp import CLP, CLPConfig
 from .dhbe import DHBE, DHBEConfig
 from .fine_pruning import FP, FPConfig
 from .finetune import FT, FTConfig, FTSchedule
+from .ftsam import FTSAM, FTSAMConfig
+from .ibau import IBAU, IBAUConfig
 from .nad import NAD, NADConfig
 from .neural_cleanse import NC, NCConfig
 from .nft import NFT, NFTConfig
+from .rnp import RNP, RNPConfig
 
 DEFENSES: dict[str, type[Defense]] = {
     "nft": NFT,
@@ -22,6 +29,10 @@ DEFENSES: dict[str, type[Defense]] = {
     "nad": NAD,
     "anp": ANP,
     "nc": NC,
+    "clp": CLP,
+    "ibau": IBAU,
+    "ftsam": FTSAM,
+    "rnp": RNP,
 }
 
 
@@ -34,6 +45,7 @@ def build_defense(name: str, config: dict | None = None) -> Defense:
     return DEFENSES[name](**(config or {}))
 
 
-__all__ = ["ANP", "ANPConfig", "DEFENSES", "DHBE", "DHBEConfig", "Defense", "DefenseDiverged", "DefenseResult",
-           "EpochCallback", "FP", "FPConfig", "FT", "FTConfig", "FTSchedule", "NAD", "NADConfig", "NC", "NCConfig",
-           "NFT", "NFTConfig", "build_defense"]
+__all__ = ["ANP", "ANPConfig", "CLP", "CLPConfig", "DEFENSES", "DHBE", "DHBEConfig", "Defense", "DefenseDiverged",
+           "DefenseResult", "EpochCallback", "FP", "FPConfig", "FT", "FTConfig", "FTSAM", "FTSAMConfig", "FTSchedule",
+           "IBAU", "IBAUConfig", "NAD", "NADConfig", "NC", "NCConfig", "NFT", "NFTConfig", "RNP", "RNPConfig",
+           "build_defense"]

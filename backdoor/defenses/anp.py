@@ -19,6 +19,7 @@ from torch import nn
 from ..data import Augment, ImageSet, sample_batches
 from ..runtime import autocast, device_generator, memory_format
 from .base import Defense, DefenseResult, EpochCallback, LossTracker, check, check_finite_positive, report_epoch
+from .masks import MaskedBatchNorm2d, attach_masks, masked_layers, prune_channels
 
 
 @dataclass
@@ -58,42 +59,31 @@ class ANPConfig:
               f"must be an integer >= 0, got {self.n_prune!r}")
 
 
-class NoisyBatchNorm2d(nn.Module):
-    """BN with a per-channel mask on the weight and optional multiplicative noise:
+class NoisyBatchNorm2d(MaskedBatchNorm2d):
+    """A masked BN (`masks.MaskedBatchNorm2d`) with optional multiplicative noise:
     weight * (m + delta), bias * (1 + xi). Weight and bias are frozen; in train mode it
     normalises with batch statistics (the running stats of this working copy are discarded)."""
 
     def __init__(self, bn: nn.BatchNorm2d):
-        super().__init__()
-        self.bn = bn
+        super().__init__(bn)
         c = bn.num_features
-        self.mask = nn.Parameter(torch.ones(c, device=bn.weight.device))
         self.noise_weight = nn.Parameter(torch.zeros(c, device=bn.weight.device))
         self.noise_bias = nn.Parameter(torch.zeros(c, device=bn.weight.device))
         self.perturbed = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         bn = self.bn
         if self.perturbed:
-            weight, bias = bn.weight * (self.mask + self.noise_weight), bn.bias * (1 + self.noise_bias)
-        else:
-            weight, bias = bn.weight * self.mask, bn.bias
-        momentum = 0.0 if bn.momentum is None else bn.momentum
-        return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, self.training, momentum, bn.eps)
+            return bn.weight * (self.mask + self.noise_weight), bn.bias * (1 + self.noise_bias)
+        return bn.weight * self.mask, bn.bias
 
 
 def attach_noisy_bn(model: nn.Module) -> dict[str, NoisyBatchNorm2d]:
     """Wrap every BatchNorm2d of `model` in place; returns {module name: wrapper}."""
-    found = [(parent, child_name, f"{prefix}.{child_name}" if prefix else child_name, child)
-             for prefix, parent in model.named_modules() for child_name, child in parent.named_children()
-             if type(child) is nn.BatchNorm2d]
-    if not found:
+    if not any(type(m) is nn.BatchNorm2d for m in model.modules()):
         raise ValueError(f"model: ANP masks BatchNorm channels; {type(model).__name__} has no BatchNorm2d")
-    wrappers = {}
-    for parent, child_name, full_name, child in found:
-        wrappers[full_name] = NoisyBatchNorm2d(child)
-        setattr(parent, child_name, wrappers[full_name])
-    return wrappers
+    attach_masks(model, "bn", scope="all", wrapper=NoisyBatchNorm2d)
+    return masked_layers(model)
 
 
 def learn_masks(model: nn.Module, clean_subset: ImageSet, cfg: ANPConfig, *, device: torch.device,
@@ -166,21 +156,9 @@ def learn_masks(model: nn.Module, clean_subset: ImageSet, cfg: ANPConfig, *, dev
 
 def prune_by_masks(model: nn.Module, masks: dict[str, torch.Tensor], cfg: ANPConfig) -> tuple[nn.Module, int]:
     """A copy of `model` with the BN weight of every pruned channel set to 0; returns it and the count."""
-    flat = torch.cat(list(masks.values()))
     if cfg.prune_by == "threshold":
-        pruned_flat = flat < cfg.threshold
-    else:
-        pruned_flat = torch.zeros_like(flat, dtype=torch.bool)
-        pruned_flat[flat.argsort()[: min(cfg.n_prune, len(flat))]] = True
-    out = copy.deepcopy(model)
-    modules = dict(out.named_modules())
-    start = 0
-    with torch.no_grad():
-        for name, m in masks.items():
-            keep = ~pruned_flat[start : start + len(m)]
-            modules[name].weight.mul_(keep.to(modules[name].weight.dtype))
-            start += len(m)
-    return out, int(pruned_flat.sum())
+        return prune_channels(model, masks, threshold=cfg.threshold)
+    return prune_channels(model, masks, n_prune=cfg.n_prune)
 
 
 class ANP(Defense):

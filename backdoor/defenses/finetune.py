@@ -69,12 +69,16 @@ def fine_tune(model: nn.Module, clean_subset: ImageSet, schedule: FTSchedule, *,
               device: torch.device, augment: Augment | None, seed: int, on_epoch: EpochCallback | None,
               loss_fn: LossFn = cross_entropy_loss, loss_names: tuple[str, ...] = ("ce",),
               edit_batch: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-              after_step: Callable[[], None] | None = None) -> list[dict]:
+              after_step: Callable[[], None] | None = None,
+              regrad: Callable[[Callable[[], torch.Tensor]], None] | None = None) -> list[dict]:
     """Train every parameter of `model` that requires grad with the FT schedule; returns the
     per-epoch history (lr, loss means, plus what `on_epoch` measured).
 
     `edit_batch(x, y)` changes a batch after augmentation (NC stamps its reversed trigger);
     `after_step()` runs after every optimiser step (FP re-zeroes pruned channels).
+    `regrad(loss_at)` runs between the backward pass and the optimiser step and may replace the
+    gradients (FT-SAM: the gradient at the worst-case nearby weights); `loss_at()` recomputes
+    the batch's optimised loss at the current weights.
     Losses stay on the device; a NaN/inf raises `DefenseDiverged` at the epoch's end.
     """
     aug = (augment if augment is not None else Augment()) if schedule.augment else None
@@ -94,10 +98,16 @@ def fine_tune(model: nn.Module, clean_subset: ImageSet, schedule: FTSchedule, *,
                                      generator=gen, augment=aug):
             if edit_batch is not None:
                 x, y = edit_batch(x, y)
+            x = x.contiguous(memory_format=fmt)
             with autocast(device):
-                losses = loss_fn(model, x.contiguous(memory_format=fmt), y)
+                losses = loss_fn(model, x, y)
             opt.zero_grad(set_to_none=True)
             losses[0].backward()
+            if regrad is not None:
+                def loss_at(x=x, y=y) -> torch.Tensor:
+                    with autocast(device):
+                        return loss_fn(model, x, y)[0]
+                regrad(loss_at)
             opt.step()
             if after_step is not None:
                 after_step()

@@ -1,10 +1,13 @@
-"""Per-channel neuron masks on a frozen network (NFT; reusable by mask-based defences).
+"""Per-channel neuron masks on a frozen network: the machinery NFT, ANP and RNP share.
 
-`attach_masks(model, site)` swaps the BatchNorms (default) or convolutions inside the
-residual stages `layer1..layer4` for masked wrappers: one trainable scalar per output
-channel, initialised to 1, so the masked model starts exactly as the original. The stem
-is never masked. `fold_masks(model)` multiplies the masks into the wrapped layers and
-returns an ordinary model with the original state-dict keys.
+`attach_masks(model, site, scope=...)` swaps the BatchNorms (default) or convolutions for
+masked wrappers: one trainable scalar per output channel, initialised to 1, so the masked
+model starts exactly as the original. `scope="stages"` (NFT) masks only inside the residual
+stages `layer1..layer4`, never the stem; `scope="all"` (ANP, RNP) masks every layer.
+`fold_masks(model)` multiplies the masks into the wrapped layers and returns an ordinary
+model with the original state-dict keys. `masked_layers(model)` names the wrappers, and
+`prune_channels(model, masks, ...)` zeroes the BN weight of a copy's low-mask channels (the
+pruning step of ANP and RNP).
 """
 from __future__ import annotations
 
@@ -25,6 +28,10 @@ class MaskedBatchNorm2d(nn.Module):
         self.bn = bn
         self.mask = nn.Parameter(torch.ones(bn.num_features, device=bn.weight.device))
 
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (weight, bias) the normalisation applies; subclasses add perturbations (ANP)."""
+        return self.bn.weight * self.mask, self.bn.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.bn
         use_batch_stats = bn.training or bn.running_mean is None
@@ -33,8 +40,8 @@ class MaskedBatchNorm2d(nn.Module):
             bn.num_batches_tracked.add_(1)
             if bn.momentum is None:  # cumulative moving average, as nn.BatchNorm2d does
                 momentum = 1.0 / float(bn.num_batches_tracked)
-        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight * self.mask, bn.bias,
-                            use_batch_stats, momentum, bn.eps)
+        weight, bias = self.affine()
+        return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, use_batch_stats, momentum, bn.eps)
 
     def folded(self) -> nn.BatchNorm2d:
         bn = copy.deepcopy(self.bn)
@@ -68,28 +75,41 @@ MASK_SITES = {"bn": (nn.BatchNorm2d, MaskedBatchNorm2d), "conv": (nn.Conv2d, Mas
 Masked = MaskedBatchNorm2d | MaskedConv2d
 
 
-def _stage_targets(model: nn.Module, kind: type) -> list[tuple[nn.Module, str, nn.Module]]:
-    missing = [s for s in STAGES if not hasattr(model, s)]
-    if missing:
-        raise ValueError(f"model: masks sit inside the stages {STAGES}; {type(model).__name__} lacks {missing}")
+MASK_SCOPES = ("stages", "all")
+
+
+def _targets(model: nn.Module, kind: type, scope: str) -> list[tuple[nn.Module, str, nn.Module]]:
+    if scope == "all":
+        roots = [model]
+    else:
+        missing = [s for s in STAGES if not hasattr(model, s)]
+        if missing:
+            raise ValueError(f"model: masks sit inside the stages {STAGES}; {type(model).__name__} lacks {missing}")
+        roots = [getattr(model, s) for s in STAGES]
     found = []
-    for stage in STAGES:
-        for parent in getattr(model, stage).modules():
+    for root in roots:
+        for parent in root.modules():
             for name, child in parent.named_children():
                 if type(child) is kind:
                     found.append((parent, name, child))
     return found
 
 
-def attach_masks(model: nn.Module, site: str = "bn", example: torch.Tensor | None = None) -> list[Masked]:
-    """Wrap every `site` layer of `layer1..layer4` in place; return the wrappers in forward
-    order (found with one hooked forward pass of `example`, else registration order)."""
+def attach_masks(model: nn.Module, site: str = "bn", example: torch.Tensor | None = None, *, scope: str = "stages",
+                 wrapper: type | None = None) -> list[Masked]:
+    """Wrap every `site` layer of `scope` in place; return the wrappers in forward order (found
+    with one hooked forward pass of `example`, else registration order). `wrapper` replaces the
+    site's wrapper class (ANP's noisy BN, a `MaskedBatchNorm2d` subclass)."""
     if site not in MASK_SITES:
         raise ValueError(f"mask_site: must be one of {sorted(MASK_SITES)}, got {site!r}")
-    kind, wrapper = MASK_SITES[site]
-    targets = _stage_targets(model, kind)
+    if scope not in MASK_SCOPES:
+        raise ValueError(f"mask_scope: must be one of {list(MASK_SCOPES)}, got {scope!r}")
+    kind, default_wrapper = MASK_SITES[site]
+    wrapper = wrapper or default_wrapper
+    targets = _targets(model, kind, scope)
     if not targets:
-        raise ValueError(f"mask_site: {type(model).__name__} has no {kind.__name__} inside {STAGES}")
+        where = "anywhere" if scope == "all" else f"inside {STAGES}"
+        raise ValueError(f"mask_site: {type(model).__name__} has no {kind.__name__} {where}")
     order = {id(child): i for i, (_, _, child) in enumerate(targets)}
     if example is not None:
         seen: list[int] = []
@@ -121,3 +141,35 @@ def fold_masks(model: nn.Module) -> nn.Module:
             if isinstance(child, (MaskedBatchNorm2d, MaskedConv2d)):
                 setattr(parent, name, child.folded())
     return out
+
+
+def masked_layers(model: nn.Module) -> dict[str, Masked]:
+    """Every mask wrapper of `model` by module name, which is the wrapped layer's name in the
+    unmasked model (the wrapper takes its place), in registration order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (MaskedBatchNorm2d, MaskedConv2d))}
+
+
+def prune_channels(model: nn.Module, masks: dict[str, torch.Tensor], *, threshold: float | None = None,
+                   n_prune: int | None = None) -> tuple[nn.Module, int]:
+    """A copy of `model` with the BN weight of every pruned channel set to 0 (running statistics
+    and bias untouched, as ANP's and RNP's reference code do); returns it and the count.
+
+    `masks`: {BN module name: per-channel mask}. Pruned: every channel with mask < `threshold`,
+    or the `n_prune` smallest masks over all layers (ties in the order of `masks`)."""
+    if (threshold is None) == (n_prune is None):
+        raise ValueError("prune_channels: give exactly one of threshold or n_prune")
+    flat = torch.cat([m.flatten() for m in masks.values()])
+    if threshold is not None:
+        pruned_flat = flat < threshold
+    else:
+        pruned_flat = torch.zeros_like(flat, dtype=torch.bool)
+        pruned_flat[flat.argsort(stable=True)[: min(n_prune, len(flat))]] = True
+    out = copy.deepcopy(model)
+    modules = dict(out.named_modules())
+    start = 0
+    with torch.no_grad():
+        for name, m in masks.items():
+            keep = ~pruned_flat[start : start + m.numel()]
+            modules[name].weight.mul_(keep.to(modules[name].weight.dtype))
+            start += m.numel()
+    return out, int(pruned_flat.sum())
