@@ -27,11 +27,11 @@ from .base import Defense, DefenseResult, EpochCallback, check, report_epoch
 
 @dataclass
 class CLPConfig:
-    """CLP's one hyperparameter; default from the reference code (rkteddy/channel-Lipschitzness-based-pruning,
-    `CLP.py`, `--u 3.0`); the paper sweeps u over about 0-10 and reports u = 3."""
+    """CLP's one hyperparameter; default from the authors' code (rkteddy/channel-Lipschitzness-based-pruning,
+    `-u` default 3; BackdoorBench's configs also use 3, and sweep 0-10 for their plots)."""
 
     u: float = 3.0          # prune channels with UCLC > mean + u * std of their layer
-    bn_eps: bool = True     # sqrt(running_var + eps), as BN computes; False: sqrt(running_var) (reference code)
+    bn_eps: bool = True     # sqrt(running_var + eps), as BN computes (the spec); False: sqrt(running_var) (authors' code)
 
     def validate(self) -> None:
         check(isinstance(self.u, (int, float)) and not isinstance(self.u, bool) and math.isfinite(self.u)
