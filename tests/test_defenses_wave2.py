@@ -277,3 +277,14 @@ def test_run_defense_on_a_real_victim_reports_the_new_defences(digits_victim):
     out = run_defense(digits_victim, "clp", {"u": 0.0}, log=lambda m: None)
     assert out["clean_images"] == 0 and out["info"]["pruned"] > 0
     assert out["after"]["asr"] <= out["before"]["asr"]
+
+
+@pytest.mark.parametrize("config, message", [({"u": -1.0}, "u: must be a finite number >= 0"),
+                                             ({"u": float("nan")}, "u: must be a finite number >= 0"),
+                                             ({"u": "3"}, "u: must be a finite number >= 0"),
+                                             ({"bn_eps": "yes"}, "bn_eps: must be true or false"),
+                                             ({"threshold": 3}, "clp: unknown config field(s) ['threshold']")])
+def test_clp_refuses_bad_values_by_name(config, message):
+    with pytest.raises(ValueError) as err:
+        build_defense("clp", config)
+    assert message in str(err.value)
