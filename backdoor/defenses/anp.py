@@ -156,9 +156,7 @@ def learn_masks(model: nn.Module, clean_subset: ImageSet, cfg: ANPConfig, *, dev
 
 def prune_by_masks(model: nn.Module, masks: dict[str, torch.Tensor], cfg: ANPConfig) -> tuple[nn.Module, int]:
     """A copy of `model` with the BN weight of every pruned channel set to 0; returns it and the count."""
-    if cfg.prune_by == "threshold":
-        return prune_channels(model, masks, threshold=cfg.threshold)
-    return prune_channels(model, masks, n_prune=cfg.n_prune)
+    return prune_channels(model, masks, cfg.prune_by, cfg.threshold, cfg.n_prune)
 
 
 class ANP(Defense):

@@ -149,21 +149,22 @@ def masked_layers(model: nn.Module) -> dict[str, Masked]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (MaskedBatchNorm2d, MaskedConv2d))}
 
 
-def prune_channels(model: nn.Module, masks: dict[str, torch.Tensor], *, threshold: float | None = None,
-                   n_prune: int | None = None) -> tuple[nn.Module, int]:
+def prune_channels(model: nn.Module, masks: dict[str, torch.Tensor], prune_by: str, threshold: float,
+                   n_prune: int) -> tuple[nn.Module, int]:
     """A copy of `model` with the BN weight of every pruned channel set to 0 (running statistics
     and bias untouched, as ANP's and RNP's reference code do); returns it and the count.
 
-    `masks`: {BN module name: per-channel mask}. Pruned: every channel with mask < `threshold`,
-    or the `n_prune` smallest masks over all layers (ties in the order of `masks`)."""
-    if (threshold is None) == (n_prune is None):
-        raise ValueError("prune_channels: give exactly one of threshold or n_prune")
+    `masks`: {BN module name: per-channel mask}. `prune_by="threshold"`: every channel with mask
+    < `threshold`; `"number"`: the `n_prune` smallest masks over all layers (ties in the order of
+    `masks`). The arguments are the ANP / RNP config fields of the same names."""
     flat = torch.cat([m.flatten() for m in masks.values()])
-    if threshold is not None:
+    if prune_by == "threshold":
         pruned_flat = flat < threshold
-    else:
+    elif prune_by == "number":
         pruned_flat = torch.zeros_like(flat, dtype=torch.bool)
         pruned_flat[flat.argsort(stable=True)[: min(n_prune, len(flat))]] = True
+    else:
+        raise ValueError(f"prune_by: must be 'threshold' or 'number', got {prune_by!r}")
     out = copy.deepcopy(model)
     modules = dict(out.named_modules())
     start = 0

@@ -138,12 +138,6 @@ class RNP(Defense):
     Config = RNPConfig
     needs_clean_data = True
 
-    def prune(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> tuple[nn.Module, int]:
-        cfg: RNPConfig = self.config
-        if cfg.prune_by == "threshold":
-            return prune_channels(model, masks, threshold=cfg.threshold)
-        return prune_channels(model, masks, n_prune=cfg.n_prune)
-
     def _purify(self, model: nn.Module, clean_subset: ImageSet | None, *, device: torch.device, image_shape,
                 augment: Augment | None, on_epoch: EpochCallback | None, seed: int) -> DefenseResult:
         cfg: RNPConfig = self.config
@@ -184,7 +178,7 @@ class RNP(Defense):
                 step += 1
             if epoch + 1 in report_at:
                 current = {n: w.mask.detach() for n, w in layers.items()}
-                pruned, n = self.prune(model, current)
+                pruned, n = prune_channels(model, current, cfg.prune_by, cfg.threshold, cfg.n_prune)
                 record = {"recover_epoch": epoch + 1, "steps": step, **tracker.close_epoch(), "pruned": n,
                           **unlearn_facts}
                 if self.diagnose:
@@ -192,7 +186,7 @@ class RNP(Defense):
                 report_epoch(history, len(history) + 1, pruned.eval(), on_epoch, record)
 
         final = {n: w.mask.detach().clone() for n, w in layers.items()}
-        purified, n_pruned = self.prune(model, final)
+        purified, n_pruned = prune_channels(model, final, cfg.prune_by, cfg.threshold, cfg.n_prune)
         flat = torch.cat(list(final.values()))
         info = {**unlearn_facts, "unlearn_history": unlearn_rows,
                 "unlearn_reached_threshold": unlearn_rows[-1]["train_acc"] <= cfg.clean_threshold,
