@@ -1,5 +1,6 @@
 """The torch library: data, models, attacks, victims (and the papers' recipes in `recipes`),
-defences, metrics, and `purify` (one defence run).
+defences, metrics, `purify` (one defence run) and `packing` (K trials of one defence as one
+computation).
 
 Imports torch / torchvision / numpy only; never Ray, MLflow or Optuna.
 Pipeline: `data -> models -> attacks -> victims -> defences -> metrics`.

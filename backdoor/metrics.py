@@ -28,6 +28,68 @@ def predict(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Te
         return model(x.contiguous(memory_format=memory_format(device))).argmax(1)
 
 
+class Tally:
+    """Counts for `evaluate`, kept on the device: add each batch's predictions of every view
+    (clean, triggered, amplified), then `result()` reads them once (the one host sync)."""
+
+    def __init__(self, test: ImageSet, attack: Attack | None, copies: tuple[int, ...],
+                 reference_correct: torch.Tensor | None):
+        self.test, self.attack, self.copies, self.reference = test, attack, copies, reference_correct
+        # counts: correct, non-target, non-target->target, eq9 base, eq9->target, robust, amplified...
+        # ("non-target": the images ASR counts; all of them for an all-to-all attack)
+        self.counts = torch.zeros(6 + len(copies), dtype=torch.long, device=test.device)
+        self.n_classes = int(test.y.max()) + 1 if len(test) else 1
+        # per class: predicted as it, correct, present (clean images)
+        self.per_class = torch.zeros(3, self.n_classes, dtype=torch.long, device=test.device)
+
+    def add(self, pred: torch.Tensor, y: torch.Tensor, start: int) -> None:
+        """`pred` (views, B): the predictions for the batch of test images from `start`."""
+        counts, per_class, n_classes, attack = self.counts, self.per_class, self.n_classes, self.attack
+        correct = pred[0] == y
+        counts[0] += correct.sum()
+        per_class[0] += torch.bincount(pred[0].clamp(max=n_classes - 1), minlength=n_classes)
+        per_class[1] += torch.bincount(y[correct], minlength=n_classes)
+        per_class[2] += torch.bincount(y, minlength=n_classes)
+        if attack is None:
+            return
+        nontarget, t = attack.counts_for_asr(y), attack.target_labels(y)
+        ref = correct if self.reference is None else self.reference[start : start + len(y)].to(y.device)
+        eq9 = nontarget & ref
+        counts[1] += nontarget.sum()
+        counts[2] += (nontarget & (pred[1] == t)).sum()
+        counts[3] += eq9.sum()
+        counts[4] += (eq9 & (pred[1] == t)).sum()
+        counts[5] += (nontarget & (pred[1] == y)).sum()
+        for i in range(len(self.copies)):
+            counts[6 + i] += (nontarget & (pred[2 + i] == t)).sum()
+
+    def result(self) -> dict[str, float]:
+        host = torch.cat([self.counts, self.per_class.flatten()]).cpu()  # the one host sync
+        c, per_class = host[: len(self.counts)].tolist(), host[len(self.counts):].view(3, self.n_classes)
+        pct = lambda num, den: 100.0 * num / den if den else float("nan")  # noqa: E731
+        out = {"acc": pct(c[0], len(self.test)), **prediction_summary(*per_class)}
+        if self.attack is not None:
+            out["asr"] = pct(c[2], c[1])
+            out["asr_eq9"] = pct(c[4], c[3])
+            out["ra"] = pct(c[5], c[1])
+            for i, k in enumerate(self.copies):
+                out[f"asr_x{k}"] = pct(c[6 + i], c[1])
+        return out
+
+
+def views_of(x: torch.Tensor, attack: Attack | None, copies: tuple[int, ...]) -> torch.Tensor:
+    """A batch's clean, triggered and amplified copies, concatenated (one forward pass)."""
+    views = [x]
+    if attack is not None:
+        views.append(attack.apply(x))
+        views += [attack.apply_amplified(x, c) for c in copies]
+    return torch.cat(views)
+
+
+def amplified_copies(attack: Attack | None, amplify: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(c for c in amplify if attack is not None and attack.supports_amplified)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, test: ImageSet, attack: Attack | None = None, *, batch_size: int = 1024,
              amplify: tuple[int, ...] = (4, 9), reference_correct: torch.Tensor | None = None) -> dict[str, float]:
@@ -40,51 +102,15 @@ def evaluate(model: nn.Module, test: ImageSet, attack: Attack | None = None, *, 
     device = test.device
     was_training = model.training
     model.eval()
-    copies = tuple(c for c in amplify if attack is not None and attack.supports_amplified)
+    copies = amplified_copies(attack, amplify)
     n_views = 1 + (attack is not None) + len(copies)
-    # counts: correct, non-target, non-target->target, eq9 base, eq9->target, robust, amplified...
-    # ("non-target": the images ASR counts; all of them for an all-to-all attack)
-    counts = torch.zeros(6 + len(copies), dtype=torch.long, device=device)
-    n_classes = int(test.y.max()) + 1 if len(test) else 1
-    # per class: predicted as it, correct, present (clean images)
-    per_class = torch.zeros(3, n_classes, dtype=torch.long, device=device)
+    tally = Tally(test, attack, copies, reference_correct)
     for start in range(0, len(test), batch_size):
         x = to_float(test.x[start : start + batch_size])
-        y = test.y[start : start + batch_size]
-        views = [x]
-        if attack is not None:
-            views.append(attack.apply(x))
-            views += [attack.apply_amplified(x, c) for c in copies]
-        pred = predict(model, torch.cat(views), device).view(n_views, -1)
-        correct = pred[0] == y
-        counts[0] += correct.sum()
-        per_class[0] += torch.bincount(pred[0].clamp(max=n_classes - 1), minlength=n_classes)
-        per_class[1] += torch.bincount(y[correct], minlength=n_classes)
-        per_class[2] += torch.bincount(y, minlength=n_classes)
-        if attack is None:
-            continue
-        nontarget, t = attack.counts_for_asr(y), attack.target_labels(y)
-        ref = correct if reference_correct is None else reference_correct[start : start + batch_size].to(device)
-        eq9 = nontarget & ref
-        counts[1] += nontarget.sum()
-        counts[2] += (nontarget & (pred[1] == t)).sum()
-        counts[3] += eq9.sum()
-        counts[4] += (eq9 & (pred[1] == t)).sum()
-        counts[5] += (nontarget & (pred[1] == y)).sum()
-        for i in range(len(copies)):
-            counts[6 + i] += (nontarget & (pred[2 + i] == t)).sum()
+        pred = predict(model, views_of(x, attack, copies), device).view(n_views, -1)
+        tally.add(pred, test.y[start : start + batch_size], start)
     model.train(was_training)
-    host = torch.cat([counts, per_class.flatten()]).cpu()  # the one host sync
-    c, per_class = host[: len(counts)].tolist(), host[len(counts):].view(3, n_classes)
-    pct = lambda num, den: 100.0 * num / den if den else float("nan")  # noqa: E731
-    out = {"acc": pct(c[0], len(test)), **prediction_summary(*per_class)}
-    if attack is not None:
-        out["asr"] = pct(c[2], c[1])
-        out["asr_eq9"] = pct(c[4], c[3])
-        out["ra"] = pct(c[5], c[1])
-        for i, k in enumerate(copies):
-            out[f"asr_x{k}"] = pct(c[6 + i], c[1])
-    return out
+    return tally.result()
 
 
 @torch.no_grad()

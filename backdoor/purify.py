@@ -93,15 +93,19 @@ class EvaluationDiagnostics:
             out["teacher_top_is_target"] = float(int(record["teacher_top_class"]) == target)
         masks = masks_of(model)
         if masks:
-            if self.response is None:
-                test = self.victim.splits.test
-                keep = self.victim.attack.counts_for_asr(test.y)
-                self.response = trigger_response(self.victim.model, list(masks), ImageSet(test.x[keep], test.y[keep]),
-                                                 self.victim.attack)
-            out["mask_trigger_corr"] = mask_trigger_correlation(masks, self.response)
+            out["mask_trigger_corr"] = self.mask_correlation(masks)
         else:
             out.update(weight_drift(model, self.victim.model))
         return out
+
+    def mask_correlation(self, masks: dict) -> float:
+        """Rank correlation of per-channel masks with the victim's trigger response."""
+        if self.response is None:
+            test = self.victim.splits.test
+            keep = self.victim.attack.counts_for_asr(test.y)
+            self.response = trigger_response(self.victim.model, list(masks), ImageSet(test.x[keep], test.y[keep]),
+                                             self.victim.attack)
+        return mask_trigger_correlation(masks, self.response)
 
 
 def main(argv: list[str] | None = None) -> int:

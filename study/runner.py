@@ -15,9 +15,10 @@ from ray import tune
 
 import analysis
 from backdoor.data import clean_subset
-from trainables.purify_trial import purify_trial, resolve_trial
+from trainables.purify_trial import purify_trial, resolve_members, resolve_trial
 from trainables.victim_stage import victim_task
 
+from .packs import group_trials, pack_summary
 from .spec import SpecError, StudySpec
 from .tracking import (EPOCH_COLUMNS, EXPERIMENT_KIND, ResultsFile, StudyRecorder, mark_experiment_kind,
                        read_results, result_columns)
@@ -129,15 +130,19 @@ def run_study(spec: StudySpec, trials: list[dict], out: Path, state: dict, done_
         kwargs = {"victims": victims, "cpus_per_trial": spec.cpu}
         if args.search == "grid":
             pending = [t for t in trials if t["trial_id"] not in done_ids]
-            log(f"running {len(pending)} of {len(trials)} trials ({spec.cpu:g} CPU, {spec.gpu:g} GPU each)")
+            units = group_trials(pending, spec.pack)
+            log(f"running {len(pending)} of {len(trials)} trials ({spec.cpu:g} CPU, {spec.gpu:g} GPU per Tune trial)"
+                + (f"; {pack_summary(units, spec.pack)}" if spec.pack > 1 else ""))
             recorder = StudyRecorder(spec=spec, results=results, epochs=epochs, client=client,
                                      experiment_id=state["experiment_id"],
-                                     parent_run_id=parent, victims=victims, resolve=lambda c: resolve_trial(c),
+                                     parent_run_id=parent, victims=victims, resolve=lambda c: resolve_members(c),
                                      total=len(trials), done=len(done_ids), log=log)
-            if pending:
-                _tuner(spec, kwargs, {"trial": tune.grid_search(pending)}, recorder, storage, "grid").fit()
+            if units:
+                _tuner(spec, kwargs, {"trial": tune.grid_search(units)}, recorder, storage, "grid").fit()
             failed = recorder.failed
         else:
+            if spec.pack > 1:
+                log("pack: Optuna samples one trial at a time, so its trials run unpacked")
             failed = run_optuna(spec, out, state, client, parent, victims, (results, epochs), kwargs, args, log,
                                 storage)
         status = "FINISHED"
@@ -198,7 +203,7 @@ def run_optuna(spec: StudySpec, out: Path, state: dict, client, parent: str, vic
                                     storage=storage, seed=vi * 1000 + di)
             recorder = StudyRecorder(spec=spec, results=files[0], epochs=files[1], client=client,
                                      experiment_id=state["experiment_id"], parent_run_id=parent, victims=victims,
-                                     resolve=lambda c, b=base: resolve_trial(c, b), total=remaining, log=log)
+                                     resolve=lambda c, b=base: [resolve_trial(c, b)], total=remaining, log=log)
             _tuner(spec, {**kwargs, "base": base}, space, recorder, tune_dir, study_name, search_alg=searcher,
                    num_samples=remaining).fit()
             failed += recorder.failed

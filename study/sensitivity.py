@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print the trial grid and its size, run nothing")
     p.add_argument("--search", choices=["grid", "optuna"], default="grid")
     p.add_argument("--num-samples", type=int, default=20, help="Optuna: trials per defence (and victim)")
+    p.add_argument("--pack", type=int, default=None, metavar="K",
+                   help="train up to K compatible trials (FT, FP, NAD, NFT) as one computation; overrides the "
+                        "spec's `pack` (1 = every trial alone). Each trial keeps its own row and MLflow run")
     return p.parse_args(argv)
 
 
@@ -63,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.dry_run:
         log(f"study {spec.name!r}: {len(trials)} trials ({a.search} search)\n{count_summary(spec, trials)}")
+        if spec.pack > 1 and a.search == "grid":
+            from .packs import group_trials, pack_summary
+            log(f"  {pack_summary(group_trials(trials, spec.pack), spec.pack)}")
         for t in trials:
             budget = t["clean_fraction"] if t["clean_fraction"] is not None else t["shots"]
             log(f"  {t['trial_id']}  victim {t['victim_index']}  {t['defense']:4s}  {json.dumps(t['axes'])}  "
@@ -99,6 +105,8 @@ def _setup(a: argparse.Namespace) -> tuple[StudySpec, Path, dict]:
     """The spec, the output directory and the state (MLflow URI; parent run id once known)."""
     if a.num_samples < 1:
         raise SpecError(f"--num-samples: must be >= 1, got {a.num_samples}")
+    if a.pack is not None and a.pack < 1:
+        raise SpecError(f"--pack: must be >= 1 (trials per pack; 1 = no packing), got {a.pack}")
     if a.resume is not None:
         out = Path(a.resume)
         if not (out / "study.yaml").is_file():
@@ -115,6 +123,8 @@ def _setup(a: argparse.Namespace) -> tuple[StudySpec, Path, dict]:
         if (out / "results.csv").exists():
             raise SpecError(f"--out: {str(out)!r} already holds a study; use --resume {out} or another --out")
         state = {}
+    if a.pack is not None:
+        spec.pack = a.pack
     state.setdefault("tracking_uri", a.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_MLFLOW_URI)
     state["search"] = a.search
     return spec, out, state

@@ -20,6 +20,7 @@
     resources: {cpu: 1, gpu: 0}    # per trial; fractional GPUs share a card
     tracking: {experiment: quick}  # MLflow experiment (default: the study name)
     failures: {max_retries: 2}     # a trial whose worker dies (node lost) runs again up to 2 times
+    pack: 1                        # up to this many compatible trials train as one computation (backdoor.packing)
 
 `attacks:` expands its entry, in place and in order, into one victim per element before
 anything is validated (so `defenses[i].victims` and the dry run count the expanded list). An
@@ -56,9 +57,13 @@ from search_spaces import Axis, config_field, parse_axis
 
 PRESETS = Path(__file__).parent / "presets"
 TOP_KEYS = {"name", "description", "victims", "defenses", "clean", "resources", "tracking", "max_concurrent",
-            "failures"}
+            "failures", "pack"}
 # what one element of a victim entry's `attacks:` may set (the VictimSpec fields that make the attack)
 ATTACK_FIELDS = ("attack", "attack_params", "target", "target_mode", "poison_rate", "poison_count")
+
+
+# trials per pack when a spec does not say (`pack:`): see the README's "Packed trials" for the measurements
+DEFAULT_PACK = 1
 
 
 class SpecError(ValueError):
@@ -91,6 +96,7 @@ class StudySpec:
     experiment: str = ""
     max_concurrent: int | None = None
     max_retries: int = 2           # re-runs of a trial whose actor died; an error inside a trial is recorded
+    pack: int = 1                  # trials per pack (study.packs); 1 = every trial alone
     clean_rule: str = "balanced"   # how clean subsets are drawn (backdoor.data.clean_subset)
     description: str = ""
     raw: dict = field(default_factory=dict)   # the spec as read (written back as study.yaml)
@@ -220,7 +226,10 @@ def parse_spec(raw: Any, source: str = "spec") -> StudySpec:
     max_retries = failures.get("max_retries", 2)
     if not (_int(max_retries) and max_retries >= 0):
         raise SpecError(f"failures.max_retries: must be an integer >= 0, got {max_retries!r}")
-    return StudySpec(name=name, victims=victims, defenses=defenses, fractions=fractions, shots=shots,
+    pack = raw.get("pack", DEFAULT_PACK)
+    if not (_int(pack) and pack >= 1):
+        raise SpecError(f"pack: must be a positive integer (trials per pack; 1 = no packing), got {pack!r}")
+    return StudySpec(name=name, victims=victims, defenses=defenses, fractions=fractions, shots=shots, pack=pack,
                      subset_seeds=seeds, cpu=float(cpu), gpu=float(gpu), max_retries=max_retries, clean_rule=clean_rule,
                      experiment=tracking.get("experiment") or name, max_concurrent=max_concurrent,
                      description=str(raw.get("description", "")), raw=raw, victim_sources=sources)

@@ -33,7 +33,7 @@ from .spec import StudySpec, attack_label  # attack_label lives in spec (no Ray 
 BASE_COLUMNS = ["trial_id", "defense", "victim_id", "attack", "trigger_size", "lr", "lam", "clean_fraction",
                 "generator_size", "subset_seed", "acc", "asr", "acc_drop", "status", "mlflow_run_id"]
 EXTRA_COLUMNS = ["asr_eq9", "ra", "asr_x4", "asr_x9", "acc_before", "asr_before", "shots", "clean_images",
-                 "seconds", "trial_seconds", "error", "node_id", "node_ip", "retries", *SUMMARY_KEYS]
+                 "seconds", "trial_seconds", "error", "node_id", "node_ip", "retries", "pack_size", *SUMMARY_KEYS]
 EPOCH_COLUMNS = ["trial_id", "epoch", "acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9", *SUMMARY_KEYS,
                  "per_stage"]  # per_stage: JSON of the per-stage / per-layer diagnostics
 FINAL_METRICS = ("acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9", "acc_before", "asr_before", "acc_drop",
@@ -153,11 +153,16 @@ class StudyRecorder(tune.Callback):
         self.name_attacks = len({attack_label(v.to_dict()) for v in spec.victims}) > 1
 
     # --- Tune callback hooks -------------------------------------------------------------------
+    # A Tune trial is one study trial, or a pack of several (`study.packs`): `self.open` holds one
+    # record per member, keyed by the member's trial id; a pack's reports name their member.
     def on_trial_start(self, iteration, trials, trial, **info):
-        if trial.trial_id in self.open:  # a retried trial restarts: same MLflow run, epochs from scratch
-            self.open[trial.trial_id].update(epochs=[], final=None)
+        if trial.trial_id in self.open:  # a retried trial restarts: same MLflow runs, epochs from scratch
+            for rec in self.open[trial.trial_id].values():
+                rec.update(epochs=[], final=None)
             return
-        t = self.resolve(trial.config)
+        self.open[trial.trial_id] = {t["trial_id"]: self._open_run(t) for t in self.resolve(trial.config)}
+
+    def _open_run(self, t: dict) -> dict:
         v = self.victims[t["victim_index"]]
         spec_victim = v["spec"]
         label = attack_label(spec_victim)
@@ -172,13 +177,24 @@ class StudyRecorder(tune.Callback):
                   "subset_seed": str(t["subset_seed"]), "clean_rule": t.get("clean_rule", "balanced"),
                   **_flat("axis.", t["axes"])}
         self.client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
-        self.open[trial.trial_id] = {"run_id": run.info.run_id, "trial": t, "epochs": [], "final": None,
-                                     "config": full, "retries": 0}
+        return {"run_id": run.info.run_id, "trial": t, "epochs": [], "final": None, "config": full, "retries": 0}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        rec = self.open.get(trial.trial_id)
-        if rec is None:
+        members = self.open.get(trial.trial_id)
+        if not members:
             return
+        if "member" in result:
+            rec = members.get(result["member"])
+            if rec is None:
+                return
+            if result.get("member_final"):
+                rec["final"] = result
+            elif "epoch" in result:
+                rec["epochs"].append(result)
+            return
+        if len(members) != 1:
+            return  # a pack's closing report
+        (rec,) = members.values()
         if result.get("done") is True and "status" in result:
             rec["final"] = result
         elif "epoch" in result:
@@ -187,13 +203,11 @@ class StudyRecorder(tune.Callback):
     def on_trial_recover(self, iteration, trials, trial, **info):
         """The trial's actor died (e.g. its node was lost) and Tune will run it again, up to the
         spec's failures.max_retries; what it reported so far is discarded."""
-        rec = self.open.get(trial.trial_id)
-        if rec is None:
-            return
-        rec.update(epochs=[], final=None, retries=rec["retries"] + 1)
-        self.log(f"[retry] {rec['trial']['defense']} trial {rec['trial']['trial_id']}: the trial's worker was lost "
-                 f"({_last_error_line(trial) or 'actor died'}); attempt {rec['retries'] + 1} of "
-                 f"{self.spec.max_retries + 1}")
+        for rec in self.open.get(trial.trial_id, {}).values():
+            rec.update(epochs=[], final=None, retries=rec["retries"] + 1)
+            self.log(f"[retry] {rec['trial']['defense']} trial {rec['trial']['trial_id']}: the trial's worker was "
+                     f"lost ({_last_error_line(trial) or 'actor died'}); attempt {rec['retries'] + 1} of "
+                     f"{self.spec.max_retries + 1}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, None)
@@ -203,9 +217,10 @@ class StudyRecorder(tune.Callback):
 
     # --- recording -----------------------------------------------------------------------------
     def _finish(self, trial, crash: str | None) -> None:
-        rec = self.open.pop(trial.trial_id, None)
-        if rec is None:
-            return
+        for rec in self.open.pop(trial.trial_id, {}).values():
+            self._finish_member(rec, crash)
+
+    def _finish_member(self, rec: dict, crash: str | None) -> None:
         t, final = rec["trial"], rec["final"] or {}
         status = "failed" if crash or final.get("status") != "finished" else "finished"
         error = crash or final.get("error", "" if status == "finished" else "trial ended without a final report")
@@ -215,7 +230,7 @@ class StudyRecorder(tune.Callback):
         if status == "finished":
             final = {**final, "acc_drop": final["acc_before"] - final["acc"]}
             metrics += [Metric(f"final_{k}", float(final[k]), now, 0) for k in FINAL_METRICS if _finite(final.get(k))]
-        where = {k: str(final[k]) for k in ("node_id", "node_ip") if final.get(k)}
+        where = {k: str(final[k]) for k in ("node_id", "node_ip", "pack_size") if final.get(k)}
         tags = ([RunTag("status_detail", status), RunTag("retries", str(rec["retries"]))]
                 + [RunTag(k, v) for k, v in where.items()] + ([RunTag("error", error[:5000])] if error else []))
         run_id = rec["run_id"]
@@ -232,8 +247,10 @@ class StudyRecorder(tune.Callback):
                   else f"{t['shots']} shots" if t["shots"] is not None else "no data")
         outcome = (f"ACC {final['acc']:.2f}  ASR {final['asr']:.2f}" if status == "finished"
                    else f"FAILED: {error[:160]}")
+        packed = f" in a pack of {final['pack_size']}" if final.get("pack_size") else ""
         self.log(f"[{self.done:3d}/{self.total}] {t['defense']:4s} {what} {budget} seed {t['subset_seed']}: {outcome}"
-                 f"  ({final.get('trial_seconds', float('nan')):.1f} s; {time.perf_counter() - self.t_start:.0f} s in)")
+                 f"  ({final.get('trial_seconds', float('nan')):.1f} s{packed}; "
+                 f"{time.perf_counter() - self.t_start:.0f} s in)")
 
     def _row(self, t: dict, final: dict, status: str, error: str, run_id: str, config: dict) -> dict:
         v = self.victims[t["victim_index"]]

@@ -87,3 +87,23 @@ def test_dhbe_graph_replay_tracks_the_device_path():
         assert losses[-1] <= 0.1 * losses[0], r.info["execution"]
     last = device.history[-1]["loss_student"], graph.history[-1]["loss_student"]
     assert max(last) <= 2.0 * min(last)
+
+
+def test_a_pack_on_cuda_matches_its_unpacked_trials_up_to_rounding():
+    """Grouped convolutions + vectorised SGD under bf16: each member close to its unpacked trial."""
+    from backdoor.defenses import FT
+    from backdoor.packing.defenses import pack_ft
+
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    clean = ImageSet(torch.randint(0, 256, (128, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(128) % 10)
+    victim = build_model("resnet18", 10, 3, [0.5] * 3, [0.25] * 3)
+    cfg = {"epochs": 1, "samples_per_epoch": 128, "milestones": [1]}
+    configs = [FT(**cfg, lr=lr).config for lr in (0.001, 0.01)]
+    packed = pack_ft(victim, configs, [clean.to(dev)] * 2, [0, 1], device=dev, augment=None, on_epoch=None)
+    for config, seed, res in zip(configs, [0, 1], packed):
+        alone = FT(config).purify(victim, clean, device=dev, seed=seed, diagnostics=False).model.state_dict()
+        got = res.model.state_dict()
+        for k, w in alone.items():
+            if w.is_floating_point():
+                assert float((got[k].float() - w.float()).norm()) <= 0.05 * float(w.float().norm()) + 1e-3, k

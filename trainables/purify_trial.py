@@ -11,10 +11,20 @@ import torch
 from ray import tune
 
 from backdoor.diagnostics import is_diagnostic
+from backdoor.packing import Member, run_pack
 from backdoor.purify import run_defense
 from backdoor.victims import unpack_victim
 
 METRICS = ("acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9")
+
+
+def resolve_members(config: dict, base: dict | None = None) -> list[dict]:
+    """The trials a Tune config stands for: the members of a pack (`{"trial": {"pack": [...]}}`),
+    else the one trial `resolve_trial` gives."""
+    unit = config.get("trial")
+    if base is None and isinstance(unit, dict) and "pack" in unit:
+        return list(unit["pack"])
+    return [resolve_trial(config, base)]
 
 
 def resolve_trial(config: dict, base: dict | None = None) -> dict:
@@ -48,10 +58,13 @@ def purify_trial(config: dict, victims: dict, base: dict | None = None, cpus_per
     `done=True`; a trial that raises reports `status="failed"` and the error text instead
     (so the study records it and goes on)."""
     torch.set_num_threads(max(1, int(cpus_per_trial)))
-    trial = resolve_trial(config, base)
+    members = resolve_members(config, base)
     t0 = time.perf_counter()
     ctx = ray.get_runtime_context()
     where = {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}  # which node ran it
+    if len(members) > 1:
+        return _pack_trial(members, victims, t0, where)
+    trial = members[0]
     try:
         victim = unpack_victim(victims[trial["victim_index"]], device="auto")
         out = run_defense(victim, trial["defense"], trial["config"], clean_fraction=trial["clean_fraction"],
@@ -60,10 +73,42 @@ def purify_trial(config: dict, victims: dict, base: dict | None = None, cpus_per
                           log=lambda m: None,
                           on_metrics=lambda epoch, m: tune.report({"epoch": epoch, **_reported(m)}))
     except Exception as err:  # noqa: BLE001 - any failure is a result to record, not a crash of the study
-        tune.report({"done": True, "status": "failed", "error": f"{type(err).__name__}: {err}"[:2000],
-                     "acc": math.nan, "asr": math.nan, "trial_seconds": time.perf_counter() - t0, **where})
+        tune.report({"done": True, **_failed(err), "trial_seconds": time.perf_counter() - t0, **where})
         return
-    final = {k: out["after"].get(k) for k in METRICS}
-    tune.report({"done": True, "status": "finished", **final, **_reported(out["diagnostics"]), "acc_before": out["before"]["acc"],
-                 "asr_before": out["before"]["asr"], "clean_images": out["clean_images"], "seconds": out["seconds"],
-                 "trial_seconds": time.perf_counter() - t0, **where})
+    tune.report({"done": True, **_final(out), "trial_seconds": time.perf_counter() - t0, **where})
+
+
+def _final(out: dict) -> dict:
+    return {"status": "finished", **{k: out["after"].get(k) for k in METRICS}, **_reported(out["diagnostics"]),
+            "acc_before": out["before"]["acc"], "asr_before": out["before"]["asr"],
+            "clean_images": out["clean_images"], "seconds": out["seconds"]}
+
+
+def _failed(err: BaseException) -> dict:
+    return {"status": "failed", "error": f"{type(err).__name__}: {err}"[:2000], "acc": math.nan, "asr": math.nan}
+
+
+def _pack_trial(members: list[dict], victims: dict, t0: float, where: dict) -> None:
+    """A pack: K trials of one defence on one victim as one computation (`backdoor.packing`).
+    Every report names its member (`member`: the trial id): per-epoch metrics, then one
+    `member_final` report per member; the last report (`done=True`) closes the pack. A member
+    that fails (diverges) is that member's failed report; an error of the whole pack fails
+    every member with its text."""
+    ids = [t["trial_id"] for t in members]
+    first = members[0]
+    try:
+        victim = unpack_victim(victims[first["victim_index"]], device="auto")
+        outs = run_pack(victim, first["defense"],
+                        [Member(t["config"], t["clean_fraction"], t["shots"], t["subset_seed"], t["subset_seed"],
+                                t.get("clean_rule", "balanced")) for t in members],
+                        log=lambda m: None,
+                        on_metrics=lambda m, epoch, metrics: tune.report({"member": ids[m], "epoch": epoch,
+                                                                          **_reported(metrics)}))
+    except Exception as err:  # noqa: BLE001 - the pack failed as a whole: every member records it
+        outs = [err] * len(members)
+    seconds = time.perf_counter() - t0
+    for tid, out in zip(ids, outs):
+        final = _failed(out) if isinstance(out, BaseException) else _final(out)
+        tune.report({"member": tid, "member_final": True, **final, "trial_seconds": seconds,
+                     "pack_size": len(members), **where})
+    tune.report({"done": True, "pack_size": len(members)})
