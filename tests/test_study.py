@@ -56,6 +56,21 @@ def _child_runs(db: Path) -> list[tuple]:
         con.close()
 
 
+def _start_and_kill(tmp_path, path: Path, out: Path, db: Path, rows: int) -> list[dict]:
+    """Start a study, kill its driver and everything it started once `rows` trials are recorded
+    (or after 180 s); return the rows recorded by then."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen([sys.executable, "-m", "study.sensitivity", "--config", str(path), "--out", str(out),
+                               "--mlflow-uri", f"sqlite:///{db}"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and (not (out / "results.csv").exists() or len(_rows(out)) < rows):
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)  # mid-study
+    driver.wait()
+    return _rows(out)
+
+
 # --- axes and grid ----------------------------------------------------------------------------
 
 def test_axes_expand_linear_log_values_and_integers():
@@ -211,16 +226,7 @@ def test_killed_study_resumes_without_duplicate_rows_or_runs(tmp_path):
                             "sweep": {"lr": [0.005, 0.01, 0.02, 0.04, 0.08, 0.16]}}])
     path = _write(tmp_path, spec)
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    driver = subprocess.Popen([sys.executable, "-m", "study.sensitivity", "--config", str(path), "--out", str(out),
-                               "--mlflow-uri", f"sqlite:///{db}"], cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and (not (out / "results.csv").exists() or len(_rows(out)) < 2):
-        time.sleep(0.2)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything it started, mid-study
-    driver.wait()
-    before = _rows(out)
+    before = _start_and_kill(tmp_path, path, out, db, rows=2)
     assert 2 <= len(before) < 6, "the study should have been stopped part-way"
     proc = _run(tmp_path, "--resume", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr

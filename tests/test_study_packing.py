@@ -2,17 +2,12 @@
 MLflow child run and per-epoch metrics, with the numbers an unpacked study records; a
 diverging member is its own failed row; a killed packed study resumes only what is missing."""
 import csv
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from study.packs import group_trials, pack_key
 from study.spec import expand_trials, parse_spec
-from test_study import ROOT, TINY_FT, _child_runs, _rows, _run, _spec, _write
+from test_study import TINY_FT, _child_runs, _rows, _run, _spec, _start_and_kill, _write
 
 
 def test_grouping_puts_only_compatible_trials_together_up_to_the_pack_size():
@@ -86,16 +81,7 @@ def test_a_killed_packed_study_resumes_only_the_members_not_recorded(tmp_path):
                             "sweep": {"lr": [0.005, 0.01, 0.02, 0.04, 0.08, 0.12, 0.16, 0.2]}}], pack=2)
     path = _write(tmp_path, spec)
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    driver = subprocess.Popen([sys.executable, "-m", "study.sensitivity", "--config", str(path), "--out", str(out),
-                               "--mlflow-uri", f"sqlite:///{db}"], cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and (not (out / "results.csv").exists() or len(_rows(out)) < 2):
-        time.sleep(0.2)
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    before = _rows(out)
+    before = _start_and_kill(tmp_path, path, out, db, rows=2)
     if len(before) >= 8:
         pytest.skip("the study finished before it could be killed")
     assert len(before) >= 2 and len(before) % 2 == 0  # a pack's members are recorded together

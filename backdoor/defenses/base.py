@@ -53,16 +53,18 @@ class LossTracker:
     not finite.
     """
 
-    def __init__(self, defense: str, names: tuple[str, ...], device: torch.device):
-        self.defense, self.names = defense, names
-        self.sums = torch.zeros(len(names), device=device)
+    def __init__(self, defense: str, names: tuple[str, ...], device: torch.device, members: tuple[int, ...] = ()):
+        # `members`: the shape of each loss, () for one trial, (K,) for a pack (`backdoor.packing`)
+        self.defense, self.names, self.members = defense, names, members
+        shape = (*members, len(names))
+        self.sums = torch.zeros(shape, device=device)
         self.count = 0
-        self.first_bad = torch.full((len(names),), -1, dtype=torch.long, device=device)
-        self.bad_value = torch.zeros(len(names), device=device)
+        self.first_bad = torch.full(shape, -1, dtype=torch.long, device=device)
+        self.bad_value = torch.zeros(shape, device=device)
 
     def add(self, step: int, *losses: torch.Tensor) -> None:
         """Record this step's losses, in the order of `names`."""
-        values = torch.stack([v.detach().float().reshape(()) for v in losses])
+        values = torch.stack([v.detach().float().reshape(self.members) for v in losses], -1)
         finite = torch.isfinite(values)
         new_bad = ~finite & (self.first_bad < 0)
         self.first_bad = torch.where(new_bad, step, self.first_bad)

@@ -133,6 +133,13 @@ def attach_masks(model: nn.Module, site: str = "bn", example: torch.Tensor | Non
     return masked
 
 
+@torch.no_grad()
+def clamp_masks(masks: list[Masked], bounds: list[float]) -> None:
+    """Clamp each layer's masks to [its lower bound, 1] in place (NFT, after every step)."""
+    for m, low in zip(masks, bounds):
+        m.mask.clamp_(low, 1.0)
+
+
 def fold_masks(model: nn.Module) -> nn.Module:
     """A copy of `model` with every mask multiplied into its layer: an ordinary model again."""
     out = copy.deepcopy(model)

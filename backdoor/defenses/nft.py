@@ -22,7 +22,7 @@ from ..data import Augment, ImageSet, sample_batches, to_float
 from ..diagnostics import mask_summary, masks_of
 from ..runtime import autocast, device_generator, memory_format
 from .base import Defense, DefenseResult, EpochCallback, LossTracker, check, check_finite_positive, report_epoch
-from .masks import MASK_SITES, attach_masks, fold_masks
+from .masks import MASK_SITES, attach_masks, clamp_masks, fold_masks
 
 
 @dataclass
@@ -123,9 +123,7 @@ class NFT(Defense):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                with torch.no_grad():
-                    for m, low in zip(masks, bounds):
-                        m.mask.clamp_(low, 1.0)
+                clamp_masks(masks, bounds)
                 tracker.add(step, loss, loss_mix, loss_reg)
                 step += 1
             record = {"lr": lr, "steps": step, **tracker.close_epoch()}

@@ -20,7 +20,7 @@ from ..data import Augment, ImageSet, sample_batches, to_float
 from ..defenses.base import DefenseResult
 from ..defenses.fine_pruning import FPConfig, accuracy_per_prune_count, last_block_features
 from ..defenses.finetune import FTConfig
-from ..defenses.masks import attach_masks, fold_masks
+from ..defenses.masks import attach_masks, clamp_masks, fold_masks
 from ..defenses.nad import NADConfig
 from ..defenses.nft import NFTConfig
 from ..diagnostics import mask_summary, masks_of
@@ -231,9 +231,7 @@ def pack_nft(model: nn.Module, configs: Sequence[NFTConfig], subsets: Sequence[I
             opt.zero_grad()
             loss.sum().backward()
             opt.step()
-            with torch.no_grad():
-                for m, low in zip(masks, bounds):
-                    m.mask.clamp_(low, 1.0)
+            clamp_masks(masks, bounds)
             tracker.add(step, loss, loss_mix, loss_reg)
             step += 1
         closed = tracker.close_epoch()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Augment, ImageSet, repeated_batches
-from ..defenses.base import DefenseDiverged
+from ..defenses.base import DefenseDiverged, LossTracker
 from ..defenses.finetune import FTSchedule
 from ..runtime import autocast, device_generator
 from .net import PackedNet, member_vector
@@ -93,28 +93,15 @@ class PackedSGD:
             ps[m].add_(g, alpha=-self.lr_list[m])
 
 
-class PackedLossTracker:
+class PackedLossTracker(LossTracker):
     """`LossTracker` for K members: per-epoch loss means per member, kept on the device;
     `close_epoch()` (one host sync) returns each member's means, or the `DefenseDiverged` of a
-    member whose loss first turned non-finite this epoch."""
+    member whose loss first turned non-finite (this epoch or before)."""
 
     def __init__(self, defense: str, names: tuple[str, ...], k: int, device: torch.device):
-        self.defense, self.names, self.k = defense, names, k
-        self.sums = torch.zeros(k, len(names), device=device)
-        self.first_bad = torch.full((k, len(names)), -1, dtype=torch.long, device=device)
-        self.bad_value = torch.zeros(k, len(names), device=device)
-        self.count = 0
+        super().__init__(defense, names, device, members=(k,))
+        self.k = k
         self.failed: dict[int, DefenseDiverged] = {}
-
-    def add(self, step: int, *losses: torch.Tensor) -> None:
-        """This step's losses, each (K,), in the order of `names`."""
-        values = torch.stack([v.detach().float().reshape(self.k) for v in losses], 1)
-        finite = torch.isfinite(values)
-        new_bad = ~finite & (self.first_bad < 0)
-        self.first_bad = torch.where(new_bad, step, self.first_bad)
-        self.bad_value = torch.where(new_bad, values, self.bad_value)
-        self.sums += torch.where(finite, values, torch.zeros_like(values))
-        self.count += 1
 
     def close_epoch(self) -> list[dict[str, float] | DefenseDiverged]:
         first, bad, sums = (t.tolist() for t in (self.first_bad, self.bad_value, self.sums))
