@@ -138,7 +138,10 @@ def run_name(trial: dict, attack: str | None = None) -> str:
 
 
 class StudyRecorder(tune.Callback):
-    """Turns Tune trial events into MLflow child runs, results.csv rows and progress lines."""
+    """Turns Tune trial events into MLflow child runs, results.csv rows and progress lines.
+
+    `resolve(config)` gives the study trials a Tune trial runs: one, or a pack's members
+    (`study.packs`); each gets its own child run and row."""
 
     def __init__(self, *, spec: StudySpec, results: ResultsFile, epochs: ResultsFile, client: MlflowClient,
                  experiment_id: str, parent_run_id: str, victims: dict[int, dict], resolve, total: int, done: int = 0,

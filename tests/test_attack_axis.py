@@ -181,13 +181,13 @@ def _record(tmp_path, victims: list) -> tuple[list[dict], list]:
     results = ResultsFile(tmp_path / "results.csv", result_columns(spec))
     rec = StudyRecorder(spec=spec, results=results, epochs=ResultsFile(tmp_path / "epochs.csv", ["trial_id"]),
                         client=client, experiment_id=experiment, parent_run_id=parent, victims=packed,
-                        resolve=lambda c: c["trial"], total=len(spec.victims), log=lambda m: None)
+                        resolve=lambda c: [c["trial"]], total=len(spec.victims), log=lambda m: None)
     trials = [t for t in expand_trials(spec) if t["axes"]["lr"] == 0.01]
     runs = []
     for t in trials:
         tune_trial = SimpleNamespace(trial_id=f"tune-{t['trial_id']}", config={"trial": t})
         rec.on_trial_start(0, [], tune_trial)
-        runs.append(client.get_run(rec.open[tune_trial.trial_id]["run_id"]))
+        runs.append(client.get_run(rec.open[tune_trial.trial_id][t["trial_id"]]["run_id"]))
         rec.on_trial_result(0, [], tune_trial, {"done": True, "status": "failed", "error": "stopped"})
         rec.on_trial_complete(0, [], tune_trial)
     with open(tmp_path / "results.csv", newline="") as f:

@@ -107,9 +107,9 @@ def test_child_run_is_named_by_its_trial(tmp_path, store):
     t = _trial(config={"lr": 0.0141}, clean_fraction=0.07, subset_seed=1)
     victims = {0: {"spec": {**VICTIM, "attack": "badnets"}, "victim_id": "v0"}}
     rec = StudyRecorder(spec=_spec(), results=None, epochs=None, client=client, experiment_id=state["experiment_id"],
-                        parent_run_id=parent, victims=victims, resolve=lambda c: c["trial"], total=1)
+                        parent_run_id=parent, victims=victims, resolve=lambda c: [c["trial"]], total=1)
     rec.on_trial_start(0, [], SimpleNamespace(trial_id="tune1", config={"trial": t}))
-    run = client.get_run(rec.open["tune1"]["run_id"])
+    run = client.get_run(rec.open["tune1"][t["trial_id"]]["run_id"])
     assert run.info.run_name == "ft lr=0.014 7% s1"
     assert run.data.tags["trial_id"] == "0123456789ab" and run.data.tags["mlflow.parentRunId"] == parent
 
