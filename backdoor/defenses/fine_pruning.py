@@ -78,6 +78,27 @@ def accuracy_per_prune_count(features: torch.Tensor, labels: torch.Tensor, linea
     return correct / len(features)
 
 
+def prune_plan(model: nn.Module, data: ImageSet, cfg: FPConfig) -> tuple[torch.Tensor, dict]:
+    """FP's pruning decision on `model` with the clean subset `data`: the keep mask (1 = kept)
+    over the channels entering `linear`, and the facts of it for the result's info."""
+    features = last_block_features(model, data)
+    channels = features.shape[1]
+    order = features.mean(0).argsort()               # least active first
+    acc = accuracy_per_prune_count(features, data.y, model.linear, order)
+    if cfg.prune_ratio is not None:
+        n_prune = int(cfg.prune_ratio * channels)
+    else:  # the longest prefix before the first count whose accuracy drop exceeds the limit
+        too_far = (acc[0] - acc > cfg.max_acc_drop + 1e-9).nonzero()
+        n_prune = int(too_far[0]) - 1 if len(too_far) else channels
+    n_prune = min(n_prune, channels - 1)             # keep at least one channel
+    pruned = order[:n_prune]
+    keep = torch.ones(channels, device=features.device)
+    keep[pruned] = 0.0
+    acc_list = acc.tolist()
+    return keep, {"channels": channels, "pruned": n_prune, "pruned_channels": sorted(pruned.tolist()),
+                  "clean_acc_before_pruning": acc_list[0], "clean_acc_after_pruning": acc_list[n_prune]}
+
+
 class FP(Defense):
     """Fine-pruning: prune dormant last-block channels, then fine-tune."""
 
@@ -89,19 +110,7 @@ class FP(Defense):
                 augment: Augment | None, on_epoch: EpochCallback | None, seed: int) -> DefenseResult:
         cfg: FPConfig = self.config
         assert clean_subset is not None
-        features = last_block_features(model, clean_subset)
-        channels = features.shape[1]
-        order = features.mean(0).argsort()               # least active first
-        acc = accuracy_per_prune_count(features, clean_subset.y, model.linear, order)
-        if cfg.prune_ratio is not None:
-            n_prune = int(cfg.prune_ratio * channels)
-        else:  # the longest prefix before the first count whose accuracy drop exceeds the limit
-            too_far = (acc[0] - acc > cfg.max_acc_drop + 1e-9).nonzero()
-            n_prune = int(too_far[0]) - 1 if len(too_far) else channels
-        n_prune = min(n_prune, channels - 1)             # keep at least one channel
-        pruned = order[:n_prune]
-        keep = torch.ones(channels, device=device)
-        keep[pruned] = 0.0
+        keep, info = prune_plan(model, clean_subset, cfg)
         keep = keep.to(model.linear.weight.dtype).unsqueeze(0)
 
         def zero_pruned() -> None:
@@ -113,8 +122,4 @@ class FP(Defense):
             p.requires_grad_(True)
         history = fine_tune(model, clean_subset, cfg, defense=self.name, device=device, augment=augment,
                             seed=seed, on_epoch=on_epoch, after_step=zero_pruned)
-        acc_list = acc.tolist()
-        info = {"channels": channels, "pruned": n_prune, "pruned_channels": sorted(pruned.tolist()),
-                "clean_acc_before_pruning": acc_list[0], "clean_acc_after_pruning": acc_list[n_prune],
-                "steps": history[-1]["steps"]}
-        return DefenseResult(model, history, info)
+        return DefenseResult(model, history, {**info, "steps": history[-1]["steps"]})

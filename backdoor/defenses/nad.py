@@ -51,8 +51,9 @@ class NADConfig(FTSchedule):
 
 
 def attention_map(features: torch.Tensor, power: float) -> torch.Tensor:
-    """(B, H*W) L2-normalised spatial attention: channel mean of |a|^p."""
-    return F.normalize(features.float().abs().pow(power).mean(1).flatten(1), dim=1)
+    """(..., B, H*W) L2-normalised spatial attention from (..., B, C, H, W) features: channel
+    mean of |a|^p (a pack's (K, B, C, H, W) features give one map per member)."""
+    return F.normalize(features.float().abs().pow(power).mean(-3).flatten(-2), dim=-1)
 
 
 def attention_distance(student: torch.Tensor, teacher: torch.Tensor, power: float) -> torch.Tensor:

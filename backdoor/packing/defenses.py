@@ -13,15 +13,14 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data import Augment, ImageSet, sample_batches, to_float
 from ..defenses.base import DefenseResult
-from ..defenses.fine_pruning import FPConfig, accuracy_per_prune_count, last_block_features
+from ..defenses.fine_pruning import FPConfig, prune_plan
 from ..defenses.finetune import FTConfig
 from ..defenses.masks import attach_masks, clamp_masks, fold_masks
-from ..defenses.nad import NADConfig
+from ..defenses.nad import NADConfig, attention_map
 from ..defenses.nft import NFTConfig
 from ..diagnostics import mask_summary, masks_of
 from ..runtime import autocast, device_generator, prepare_model
@@ -72,24 +71,8 @@ def pack_fp(model: nn.Module, configs: Sequence[FPConfig], subsets: Sequence[Ima
     """FP's pruning decision is per member on the victim (its subset, its rule); the packed
     fine-tuning then keeps each member's pruned columns of `linear` at zero."""
     check_shared(configs, _shared_fields(configs[0], "fp"), "fp")
-    keeps, infos = [], []
-    for cfg, data in zip(configs, subsets):
-        features = last_block_features(model, data)
-        channels = features.shape[1]
-        order = features.mean(0).argsort()
-        acc = accuracy_per_prune_count(features, data.y, model.linear, order)
-        if cfg.prune_ratio is not None:
-            n_prune = int(cfg.prune_ratio * channels)
-        else:
-            too_far = (acc[0] - acc > cfg.max_acc_drop + 1e-9).nonzero()
-            n_prune = int(too_far[0]) - 1 if len(too_far) else channels
-        n_prune = min(n_prune, channels - 1)
-        keep = torch.ones(channels, device=device)
-        keep[order[:n_prune]] = 0.0
-        keeps.append(keep)
-        acc_list = acc.tolist()
-        infos.append({"channels": channels, "pruned": n_prune, "pruned_channels": sorted(order[:n_prune].tolist()),
-                      "clean_acc_before_pruning": acc_list[0], "clean_acc_after_pruning": acc_list[n_prune]})
+    plans = [prune_plan(model, data, cfg) for cfg, data in zip(configs, subsets)]
+    keeps, infos = [p[0] for p in plans], [p[1] for p in plans]
     pack = _pack(model, len(configs), device)
     head = pack.net.linear
     if not isinstance(head, PackedLinear):
@@ -131,9 +114,7 @@ class PackedTap:
 
 def packed_attention_distance(student: torch.Tensor, teacher: torch.Tensor, power: float) -> torch.Tensor:
     """NAD's AT distance per member (K,), from (K, B, C, H, W) features."""
-    def amap(f: torch.Tensor) -> torch.Tensor:
-        return F.normalize(f.float().abs().pow(power).mean(2).flatten(2), dim=2)
-    return (amap(student) - amap(teacher)).pow(2).mean((1, 2))
+    return (attention_map(student, power) - attention_map(teacher, power)).pow(2).mean((1, 2))
 
 
 def pack_nad(model: nn.Module, configs: Sequence[NADConfig], subsets: Sequence[ImageSet], seeds: Sequence[int], *,

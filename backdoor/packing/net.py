@@ -124,21 +124,18 @@ class PackedNet(nn.Module):
 
     def __init__(self, models: list[nn.Module], *, split_convs: bool | None = None):
         super().__init__()
-        # grouped convolutions on CUDA (one kernel for the pack); per-member convolutions on the
-        # CPU, where grouped kernels measured slower than K separate ones
-        split = (models[0].parameters().__next__().device.type != "cuda") if split_convs is None else split_convs
         if not models:
             raise ValueError("pack: needs at least one model")
+        # grouped convolutions on CUDA (one kernel for the pack); per-member convolutions elsewhere:
+        # on the CPU grouped kernels were no faster (benchmarks/pack_speed.py) and slices are bit-identical
+        split = next(models[0].parameters()).device.type != "cuda" if split_convs is None else split_convs
         self.k = len(models)
         self.template = [copy.deepcopy(models[0])]  # a list: not a submodule, not in the state dict
         net = copy.deepcopy(models[0])
         members = [dict(m.named_modules()) for m in models]
         for name, module in list(net.named_modules()):
-            if not name or not isinstance(module, PACKABLE):
-                if name and type(module) not in PACKABLE and any(True for _ in module.parameters(recurse=False)):
-                    raise ValueError(f"pack: cannot pack layer {name!r} ({type(module).__name__}); packable "
-                                     "layers are Conv2d, BatchNorm2d, Linear, Normalize and layers without parameters")
-                continue
+            if not name or (type(module) not in PACKABLE and not any(True for _ in module.parameters(recurse=False))):
+                continue  # the root, and layers without parameters of their own: nothing to pack
             parent_name, _, attr = name.rpartition(".")
             parent = net.get_submodule(parent_name) if parent_name else net
             setattr(parent, attr, _packed_layer([m[name] for m in members], name, split))

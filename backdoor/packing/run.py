@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..data import ImageSet, clean_subset, to_float
 from ..defenses import build_defense
@@ -39,19 +40,19 @@ class Member:
 @torch.no_grad()
 def evaluate_pack(pack: PackedNet, test: ImageSet, attack, *, members: Sequence[int] | None = None,
                   batch_size: int = 1024, amplify: tuple[int, ...] = (4, 9),
-                  reference_correct: torch.Tensor | None = None, batched: bool | None = None
-                  ) -> list[dict[str, float]]:
+                  reference_correct: torch.Tensor | None = None, batched: bool | None = None,
+                  models: dict[int, nn.Module] | None = None) -> list[dict[str, float]]:
     """`backdoor.metrics.evaluate` for every member of `pack` (or those in `members`).
 
     `batched=True` (the default on CUDA): each test batch and its triggered views go through
-    the pack once. `False` (the default elsewhere): member by member through `pack.member(m)`;
-    on the CPU that measured faster (8 small_cnn members on the digits test set: 2.3 s vs
-    4.0 s, `benchmarks/pack_speed.py`). The numbers are the same either way."""
+    the pack once. `False` (the default elsewhere): member by member through `pack.member(m)`
+    (or `models[m]`, members already split out); on the CPU that measured faster (8 small_cnn
+    members on the digits test set: 2.3 s vs 4.0 s). The numbers are the same either way."""
     device = test.device
     members = list(range(pack.k)) if members is None else list(members)
     if not (device.type == "cuda" if batched is None else batched):
-        return [evaluate(pack.member(m).to(device), test, attack, batch_size=batch_size, amplify=amplify,
-                         reference_correct=reference_correct) for m in members]
+        return [evaluate((models[m] if models else pack.member(m)).to(device), test, attack, batch_size=batch_size,
+                         amplify=amplify, reference_correct=reference_correct) for m in members]
     was_training = pack.training
     pack.eval()
     copies = amplified_copies(attack, amplify)
@@ -80,26 +81,31 @@ def run_pack(victim: Victim, defense: str, members: Sequence[Member], *, log=pri
     built = [build_defense(defense, m.config) for m in members]
     if victim.attack.known_target is not None:
         built = [d.with_known_target(victim.attack.known_target) for d in built]
-    device = victim.splits.test.device
+    test = victim.splits.test
+    device = test.device
     subsets = [clean_subset(victim.splits, fraction=m.clean_fraction, shots=m.shots, seed=m.subset_seed,
                             rule=m.clean_rule).to(device) for m in members]
-    reference = correct_mask(victim.model, victim.splits.test)
-    before = evaluate(victim.model, victim.splits.test, victim.attack, reference_correct=reference)
+    reference = correct_mask(victim.model, test)
+    before = evaluate(victim.model, test, victim.attack, reference_correct=reference)
     probe = EvaluationDiagnostics(victim) if diagnostics else None
     t0 = time.perf_counter()
     k = len(members)
+    batched = test.device.type == "cuda"  # see evaluate_pack
 
     def on_epoch(epoch: int, pack: PackedNet, records: list) -> list[dict | None]:
         alive = [m for m in range(k) if not isinstance(records[m], Exception)]
         out: list[dict | None] = [None] * k
-        for m, metrics in zip(alive, evaluate_pack(pack, victim.splits.test, victim.attack, members=alive,
-                                                   reference_correct=reference)):
+        # unbatched, each member is split out once, for its metrics and its weight drift
+        models = {} if batched else {m: pack.member(m) for m in alive}
+        evaluated = evaluate_pack(pack, test, victim.attack, members=alive, reference_correct=reference,
+                                  batched=batched, models=models)
+        for m, metrics in zip(alive, evaluated):
             record = records[m]
             if probe is not None:
                 if "masks" in record:
                     metrics["mask_trigger_corr"] = probe.mask_correlation(record["masks"])
                 else:
-                    metrics.update(weight_drift(pack.member(m), victim.model))
+                    metrics.update(weight_drift(models.get(m) or pack.member(m), victim.model))
             out[m] = metrics
             if on_metrics is not None:
                 on_metrics(m, epoch, {**{key: v for key, v in record.items() if is_diagnostic(key)}, **metrics})
