@@ -7,33 +7,17 @@ import torch.nn.functional as F
 import backdoor.data
 import backdoor.data.splits
 import backdoor.data.sources
-from backdoor.data import ImageSet
 from backdoor.defenses import CLP, FT, FTSAM, RNP, build_defense
 from backdoor.defenses.clp import channel_lipschitz, conv_bn_pairs
 from backdoor.defenses.ftsam import SharpnessAware
 from backdoor.defenses.ibau import implicit_hypergradient
 from backdoor.defenses.rnp import RNPConfig, unlearn
-from backdoor.models import build_model
 from backdoor.purify import run_defense
+from helpers import random_images, random_model, state_copy
 
 SHORT = dict(epochs=2, samples_per_epoch=64, batch_size=16)
 TINY = {"clp": {}, "ibau": dict(rounds=1, batch_size=8, fixed_point_iters=2), "ftsam": {**SHORT, "epochs": 1},
         "rnp": dict(unlearn_epochs=1, recover_epochs=1, reports=1, batch_size=8)}
-
-
-def _model(name="small_cnn", channels=1, seed=0):
-    torch.manual_seed(seed)
-    return build_model(name, 10, channels, [0.5] * channels, [0.25] * channels)
-
-
-def _data(n=40, seed=0, channels=1, size=16):
-    g = torch.Generator().manual_seed(seed)
-    return ImageSet(torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g),
-                    torch.arange(n) % 10)
-
-
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _settle_bn(model, data):
@@ -48,10 +32,10 @@ def _settle_bn(model, data):
 # --- CLP ----------------------------------------------------------------------------------------
 
 def test_clp_flags_a_planted_channel_and_changes_only_the_flagged_channels():
-    victim = _settle_bn(_model(), _data())
+    victim = _settle_bn(random_model(), random_images())
     with torch.no_grad():
         victim.layer2[0].weight[5] *= 20  # the planted channel: its Lipschitz bound is 20x its peers'
-    before = _state(victim)
+    before = state_copy(victim)
     result = CLP(u=3.0).purify(victim, None, device="cpu", image_shape=(1, 16, 16))
     flagged = result.info["pruned_channels"]
     assert 5 in flagged["layer2.1"]
@@ -71,7 +55,7 @@ def test_clp_flags_a_planted_channel_and_changes_only_the_flagged_channels():
 
 
 def test_clp_uclc_is_the_spectral_norm_of_the_conv_and_bn_combined():
-    model = _settle_bn(_model(), _data())
+    model = _settle_bn(random_model(), random_images())
     conv, bn = model.layer1[0], model.layer1[1]
     uclc = channel_lipschitz(conv, bn)
     k = 3
@@ -81,7 +65,7 @@ def test_clp_uclc_is_the_spectral_norm_of_the_conv_and_bn_combined():
 
 @pytest.mark.parametrize("name, channels", [("small_cnn", 1), ("resnet18", 3), ("preact_resnet18", 3)])
 def test_clp_pairs_each_bn_with_the_conv_that_feeds_it(name, channels):
-    model = _model(name, channels)
+    model = random_model(name, channels)
     pairs, unpaired = conv_bn_pairs(model, (channels, 16, 16))
     bns = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
     if name == "preact_resnet18":  # BNs that normalise a residual sum have no conv of their own
@@ -101,21 +85,21 @@ def test_clp_lower_u_prunes_more_and_needs_no_data(monkeypatch):
         for fn in ("load_dataset", "clean_subset", "load_image_folder", "load_digits", "load_cifar", "load_gtsrb"):
             if hasattr(module, fn):
                 monkeypatch.setattr(module, fn, forbidden)
-    victim = _settle_bn(_model(), _data())
+    victim = _settle_bn(random_model(), random_images())
     seen = []
     victim.normalize.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].detach()))
     counts = [CLP(u=u).purify(victim, None, device="cpu", image_shape=(1, 16, 16)).info["pruned"] for u in (3, 1, 0)]
     assert counts[0] <= counts[1] <= counts[2] and counts[2] > counts[0]
     assert seen and all(torch.count_nonzero(x) == 0 for x in seen)  # its one traced pass sees a zero image only
     with pytest.raises(ValueError, match="clean_subset: clp is data-free"):
-        CLP().purify(victim, _data(), device="cpu")
+        CLP().purify(victim, random_images(), device="cpu")
 
 
 # --- FT-SAM -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("adaptive", [True, False])
 def test_ftsam_with_rho_zero_is_ft_bit_for_bit(adaptive):
-    victim, data = _model(), _data()
+    victim, data = random_model(), random_images()
     ft = FT(**SHORT).purify(victim, data, device="cpu", seed=3).model.state_dict()
     sam0 = FTSAM(**SHORT, rho=0.0, adaptive=adaptive).purify(victim, data, device="cpu", seed=3).model.state_dict()
     sam = FTSAM(**SHORT, rho=0.05, adaptive=adaptive).purify(victim, data, device="cpu", seed=3).model.state_dict()
@@ -125,7 +109,7 @@ def test_ftsam_with_rho_zero_is_ft_bit_for_bit(adaptive):
 
 @pytest.mark.parametrize("adaptive", [True, False])
 def test_sam_perturbation_has_radius_rho(adaptive):
-    model = _model()
+    model = random_model()
     params = list(model.parameters())
     with torch.no_grad():
         for p in params:
@@ -141,12 +125,12 @@ def test_sam_perturbation_has_radius_rho(adaptive):
 
 
 def test_sam_gradient_is_taken_at_the_perturbed_weights_and_the_weights_come_back():
-    model, data = _model().train(), _data()
+    model, data = random_model().train(), random_images()
     x, y = data.x.float() / 255, data.y
     params = list(model.parameters())
     loss_at = lambda: F.cross_entropy(model(x), y)  # noqa: E731
     loss_at().backward()
-    before = _state(model)
+    before = state_copy(model)
     sam = SharpnessAware(model, params, rho=0.5, adaptive=False, eta=0.0)
     eps, _ = sam.perturbation()
     sam(loss_at)
@@ -207,7 +191,7 @@ def test_ibau_implicit_hypergradient_matches_finite_differences():
 
 
 def test_ibau_reports_every_round_and_keeps_the_perturbation_in_its_ball():
-    result = build_defense("ibau", dict(rounds=3, batch_size=16, pert_bound=0.5)).purify(_model(), _data(), device="cpu")
+    result = build_defense("ibau", dict(rounds=3, batch_size=16, pert_bound=0.5)).purify(random_model(), random_images(), device="cpu")
     assert [h["round"] for h in result.history] == [1, 2, 3]
     assert all(h["pert_norm"] <= 0.5 + 1e-5 for h in result.history)
     assert result.info["steps"] == 3 * 3  # 40 images in batches of 16: 3 batches per round
@@ -231,8 +215,8 @@ def test_rnp_unlearning_stops_at_the_first_epoch_at_or_below_the_threshold(digit
 
 
 def test_rnp_prunes_only_bn_weights_of_the_original_model():
-    victim, data = _model(), _data()
-    before = _state(victim)
+    victim, data = random_model(), random_images()
+    before = state_copy(victim)
     result = RNP(unlearn_epochs=3, recover_epochs=4, reports=2, batch_size=16, recover_lr=2.0,
                  threshold=0.9).purify(victim, data, device="cpu")
     after = result.model.state_dict()
@@ -250,9 +234,9 @@ def test_rnp_prunes_only_bn_weights_of_the_original_model():
 @pytest.mark.parametrize("name", ["clp", "ibau", "ftsam", "rnp"])
 def test_each_new_defence_runs_on_each_model(name, model_name):
     channels = 1 if model_name == "small_cnn" else 3
-    victim = _model(model_name, channels)
+    victim = random_model(model_name, channels)
     defense = build_defense(name, TINY[name])
-    data = None if name == "clp" else _data(n=16, channels=channels)
+    data = None if name == "clp" else random_images(n=16, channels=channels)
     result = defense.purify(victim, data, device="cpu", image_shape=(channels, 16, 16))
     assert result.history
     out = result.model(torch.rand(2, channels, 16, 16))

@@ -5,31 +5,15 @@ import pytest
 import torch
 from torch import nn
 
-from backdoor.data import ImageSet
 from backdoor.defenses import NFT, NFTConfig, DefenseDiverged
 from backdoor.defenses.masks import MaskedBatchNorm2d, attach_masks, fold_masks
-from backdoor.models import build_model
-
-
-def _model(name="small_cnn", channels=1):
-    torch.manual_seed(0)
-    return build_model(name, 10, channels, [0.5] * channels, [0.25] * channels)
-
-
-def _data(n=40, channels=1, size=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return ImageSet(torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g),
-                    torch.arange(n) % 10)
-
-
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+from helpers import random_images, random_model, state_copy
 
 
 @pytest.mark.parametrize("name, expected", [("resnet18", 19), ("preact_resnet18", 16), ("small_cnn", 4)])
 def test_masks_sit_on_every_bn_inside_the_stages(name, expected):
     channels = 1 if name == "small_cnn" else 3
-    model = _model(name, channels)
+    model = random_model(name, channels)
     example = torch.rand(2, channels, 16, 16)
     masks = attach_masks(model, "bn", example=example)
     assert len(masks) == expected
@@ -37,12 +21,12 @@ def test_masks_sit_on_every_bn_inside_the_stages(name, expected):
     if name == "resnet18":  # the stem BN stays unmasked
         assert isinstance(model.bn1, nn.BatchNorm2d)
     # masks start at 1: the masked model computes exactly what the original did
-    ref = _model(name, channels).eval()
+    ref = random_model(name, channels).eval()
     assert torch.equal(model.eval()(example), ref(example))
 
 
 def test_mask_order_is_forward_order():
-    model = _model("resnet18", 3)
+    model = random_model("resnet18", 3)
     seen = []
     for mod in model.modules():
         if isinstance(mod, nn.BatchNorm2d):
@@ -54,10 +38,10 @@ def test_mask_order_is_forward_order():
 
 
 def test_nft_changes_nothing_but_masks_and_keeps_them_in_bounds():
-    victim = _model()
-    before = _state(victim)
+    victim = random_model()
+    before = state_copy(victim)
     cfg = NFTConfig(steps=30, rounds=3, batch_size=16, lr=2.0, eta=0.0)  # aggressive: masks reach their bounds
-    result = NFT(cfg).purify(victim, _data(), device="cpu")
+    result = NFT(cfg).purify(victim, random_images(), device="cpu")
     assert all(torch.equal(before[k], v) for k, v in victim.state_dict().items()), "the victim was modified"
 
     after = result.model.state_dict()
@@ -78,9 +62,9 @@ def test_nft_changes_nothing_but_masks_and_keeps_them_in_bounds():
 
 
 def test_running_stats_are_reestimated_only_in_bn_train_mode():
-    victim = _model()
-    before = _state(victim)
-    data = _data()
+    victim = random_model()
+    before = state_copy(victim)
+    data = random_images()
     frozen = NFT(steps=5, rounds=1, batch_size=8, bn_train_mode=False).purify(victim, data, device="cpu")
     assert all(torch.equal(before[k], v) for k, v in frozen.model.state_dict().items() if "running" in k)
     live = NFT(steps=5, rounds=1, batch_size=8).purify(victim, data, device="cpu")
@@ -88,7 +72,7 @@ def test_running_stats_are_reestimated_only_in_bn_train_mode():
 
 
 def test_regulariser_pulls_masks_towards_one():
-    victim, data = _model(), _data()
+    victim, data = random_model(), random_images()
     free = NFT(steps=20, rounds=1, batch_size=16, lr=1.0, eta=0.0).purify(victim, data, device="cpu").info
     held = NFT(steps=20, rounds=1, batch_size=16, lr=1.0, eta=1e3).purify(victim, data, device="cpu").info
     assert sum(held["mask_mean"]) > sum(free["mask_mean"])
@@ -98,7 +82,7 @@ def test_regulariser_pulls_masks_towards_one():
 def test_rounds_report_to_the_callback_with_cosine_lr():
     seen = []
     cfg = NFTConfig(steps=10, rounds=5, batch_size=8)
-    result = NFT(cfg).purify(_model(), _data(), device="cpu",
+    result = NFT(cfg).purify(random_model(), random_images(), device="cpu",
                              on_epoch=lambda r, m, rec: seen.append((r, m.training)) or {"probe": float(r)})
     assert [r for r, _ in seen] == [1, 2, 3, 4, 5]
     assert [h["probe"] for h in result.history] == [1.0, 2.0, 3.0, 4.0, 5.0]
@@ -108,9 +92,9 @@ def test_rounds_report_to_the_callback_with_cosine_lr():
 
 
 def test_conv_site_option_folds_into_conv_weights():
-    victim = _model()
-    before = _state(victim)
-    result = NFT(steps=10, rounds=1, batch_size=8, lr=1.0, mask_site="conv").purify(victim, _data(), device="cpu")
+    victim = random_model()
+    before = state_copy(victim)
+    result = NFT(steps=10, rounds=1, batch_size=8, lr=1.0, mask_site="conv").purify(victim, random_images(), device="cpu")
     after = result.model.state_dict()
     assert torch.equal(before["stem.0.weight"], after["stem.0.weight"])
     assert not torch.equal(before["layer4.0.weight"], after["layer4.0.weight"])
@@ -118,7 +102,7 @@ def test_conv_site_option_folds_into_conv_weights():
 
 
 def test_folded_model_matches_masked_model():
-    model = _model().eval()
+    model = random_model().eval()
     masks = attach_masks(model, "bn")
     with torch.no_grad():
         for m in masks:
@@ -128,11 +112,11 @@ def test_folded_model_matches_masked_model():
 
 
 def test_divergence_names_defence_step_and_loss():
-    victim = _model()
+    victim = random_model()
     with torch.no_grad():
         victim.stem[1].weight.fill_(float("nan"))
     with pytest.raises(DefenseDiverged, match=r"nft: loss 'total' became nan at step 0"):
-        NFT(steps=4, rounds=2, batch_size=8).purify(victim, _data(), device="cpu")
+        NFT(steps=4, rounds=2, batch_size=8).purify(victim, random_images(), device="cpu")
 
 
 @pytest.mark.parametrize("overrides, field", [({"lr": 0}, "lr"), ({"lr": -1.0}, "lr"), ({"steps": 0}, "steps"),
@@ -143,7 +127,7 @@ def test_bad_config_names_the_field(overrides, field):
         NFT(**overrides)
 
 
-@pytest.mark.parametrize("data", [None, _data(n=0)])
+@pytest.mark.parametrize("data", [None, random_images(n=0)])
 def test_nft_needs_clean_data(data):
     with pytest.raises(ValueError, match="clean_subset"):
-        NFT().purify(_model(), data, device="cpu")
+        NFT().purify(random_model(), data, device="cpu")
