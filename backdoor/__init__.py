@@ -5,4 +5,8 @@ computation).
 Imports torch / torchvision / numpy only; never Ray, MLflow or Optuna.
 Pipeline: `data -> models -> attacks -> victims -> defences -> metrics`.
 """
+from . import determinism
+
+determinism.apply()  # before any torch arithmetic: MKL reads it at its first call (see determinism.py)
+
 __version__ = "0.1.0"

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .data.images import ImageSet, to_float
+from .determinism import one_thread
 from .runtime import autocast, memory_format
 
 SUMMARY_KEYS = ("top_class", "top_share", "class_acc_min", "class_acc_max", "teacher_top_class",
@@ -116,8 +117,10 @@ def bn_drift(student: nn.Module, teacher: nn.Module) -> dict[str, float]:
 
 
 def _squared_norms(pairs: list[tuple[str, torch.Tensor, torch.Tensor]]) -> dict[str, tuple[float, float]]:
-    """Per stage (sum ||a||^2, sum ||b||^2) over (stage, a, b) triples; one host sync."""
-    sums = _stage_sums([(s, t) for s, a, b in pairs for t in (a.float().square().sum(), b.float().square().sum())])
+    """Per stage (sum ||a||^2, sum ||b||^2) over (stage, a, b) triples; one host sync. On one
+    CPU thread, so the value does not depend on the thread count (`determinism.one_thread`)."""
+    with one_thread():
+        sums = _stage_sums([(s, t) for s, a, b in pairs for t in (a.float().square().sum(), b.float().square().sum())])
     return {s: (sum(v[0::2]), sum(v[1::2])) for s, v in sums.items()}
 
 

@@ -8,6 +8,7 @@ one; an entry that is truncated or does not match its spec is retrained, with a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -24,6 +25,7 @@ from torch import nn
 from . import __version__
 from .attacks import ATTACKS, TARGET_MODES, Attack, attack_parameters, build_attack
 from .data import DATASETS, DatasetSplits, default_cache_dir, load_dataset
+from .determinism import one_thread
 from .metrics import evaluate
 from .models import MODELS, build_model
 from .runtime import prepare_model, resolve_device, seed_everything
@@ -250,6 +252,8 @@ def get_or_train(spec: VictimSpec, cache_dir: str | os.PathLike | None = None, *
     `data` reuses already loaded splits (they must be the spec's dataset). `compile` is a
     torch.compile mode for training on CUDA (a speed knob, not part of the spec). The victim's
     model is returned in eval mode on `device`, and its data splits on the same device.
+    On the CPU a victim trains on one thread, so its weights do not depend on the process that
+    trains it (a Ray task, a driver, another core count; `backdoor.determinism`).
     """
     spec.validate()
     if data is not None and data.name != spec.dataset:
@@ -270,6 +274,13 @@ def get_or_train(spec: VictimSpec, cache_dir: str | os.PathLike | None = None, *
         log(f"victim {victim_id}: loaded from cache (ACC {meta['metrics']['acc']:.2f}%, ASR {meta['metrics']['asr']:.2f}%)")
         return Victim(spec, victim_id, model, attack, splits, meta["metrics"], True, meta.get("train_seconds", 0.0))
 
+    with one_thread() if device.type == "cpu" else contextlib.nullcontext():
+        return _train(spec, victim_id, cache_dir, splits, attack, device, compile, log)
+
+
+def _train(spec: VictimSpec, victim_id: str, cache_dir: Path, splits: DatasetSplits, attack: Attack,
+           device: torch.device, compile: str | None, log) -> Victim:
+    """Train, evaluate and cache the victim `get_or_train` did not find."""
     if attack.needs_reference and not spec.is_clean:
         reference = get_or_train(clean_reference(spec), cache_dir, data=splits, device=device, compile=compile, log=log)
         log(f"victim {victim_id}: building the {spec.attack} poison on the clean model {reference.victim_id}")

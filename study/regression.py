@@ -30,15 +30,19 @@ import yaml
 from backdoor.defenses import DEFENSES
 from search_spaces import config_field
 
-from .spec import SpecError, load_spec, parse_spec
+from .spec import SpecError, load_spec, output_dir, parse_spec
+from .tolerances import MARGIN, measure_spread, read_runs, tolerance, tolerances_from, trial_spread
 
 BASELINES = Path(__file__).parent / "baselines"
 # measure -> (direction a regression moves it, default tolerance). Units: points of %, share in [0, 1].
 MEASURES = {"mean_acc": ("down", 1.0), "mean_asr": ("up", 3.0), "safe_share": ("down", 0.10),
             "acc_at_safe_asr": ("down", 1.5), "worst_asr": ("up", 5.0)}
-TOLERANCE_NOTE = ("CPU runs of a pinned study are deterministic (the same per-trial metrics twice; see "
-                  "max_trial_delta in regression.json), so these tolerances only absorb library-version drift. "
-                  "CUDA kernels are not bit-deterministic: widen the tolerances for a GPU baseline.")
+STEPS = {"mean_acc": 0.5, "mean_asr": 0.5, "safe_share": 0.05, "acc_at_safe_asr": 0.5, "worst_asr": 0.5}
+TOLERANCE_NOTE = ("On one CPU a pinned study is bit-reproducible at any thread count (backdoor.determinism; "
+                  "max_trial_delta in regression.json is 0). Across CPUs and torch builds it is not: the per-defence "
+                  "tolerances (tolerances_by_defense) are twice the largest delta measured between this run and the "
+                  "runs in `spread`, and never below the defaults (tolerances). CUDA kernels are not "
+                  "bit-deterministic either: measure a spread for a GPU baseline.")
 
 
 def spec_hash(raw: dict) -> str:
@@ -96,13 +100,15 @@ def measures(directory: Path) -> tuple[dict[str, dict[str, float | None]], dict[
     return per_defense, trials
 
 
-def compare(baseline: dict, now: dict[str, dict], tolerances: dict[str, float]) -> list[dict]:
-    """One row per (defence, measure): baseline, now, delta, tolerance, verdict."""
+def compare(baseline: dict, now: dict[str, dict], tolerances: dict[str, float],
+            by_defense: dict[str, dict] | None = None) -> list[dict]:
+    """One row per (defence, measure): baseline, now, delta, tolerance, verdict. A defence's
+    own tolerance (`by_defense`, from a measured spread) wins over the measure's default."""
     rows = []
     for defense in sorted(set(baseline) | set(now)):
         for m, (bad, _) in MEASURES.items():
             b, n = baseline.get(defense, {}).get(m), now.get(defense, {}).get(m)
-            tol = tolerances[m]
+            tol = tolerance({"tolerances": tolerances, "tolerances_by_defense": by_defense or {}}, defense, m)
             if b is None and n is None:
                 verdict, delta = "ok", None
             elif b is None or n is None:
@@ -157,6 +163,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--update-baseline", action="store_true", help="run, then write the baseline from this run")
     p.add_argument("--set", action="append", default=[], metavar="DEFENCE.FIELD=VALUE",
                    help="override a defence knob for this run (repeatable); the baseline's spec stays the pinned one")
+    p.add_argument("--spread", nargs="+", default=None, metavar="DIR",
+                   help="with --update-baseline: output directories of the same pinned study run under another "
+                        "thread count, CPU or torch build; each defence's tolerances become twice the largest "
+                        "delta between those runs and this one (never below the defaults)")
+    p.add_argument("--spread-note", default="", help="where the --spread runs come from (written in the baseline)")
     p.add_argument("--out", default=None, help="output directory (default: runs/regression-<name>-<time>)")
     p.add_argument("--mlflow-uri", default=None, help="as in study.sensitivity")
     p.add_argument("--address", default=None, help="Ray cluster address, as in study.sensitivity")
@@ -175,14 +186,21 @@ def main(argv: list[str] | None = None) -> int:
         if baseline_path is None:
             raise SpecError("--baseline: a --config study needs an explicit baseline file")
         baseline = None
+        if a.spread and not a.update_baseline:
+            raise SpecError("--spread: only with --update-baseline (it sets the baseline's tolerances)")
+        for d in a.spread or []:
+            if not (Path(d) / "results.csv").is_file():
+                raise SpecError(f"--spread: {d!r} holds no results.csv (not a study output directory)")
         if not a.update_baseline:
             if not baseline_path.is_file():
                 raise SpecError(f"--baseline: {baseline_path} does not exist; make it with --update-baseline")
             try:
-                baseline = json.loads(baseline_path.read_text())
+                baseline = json.loads(baseline_path.read_text(encoding="utf-8"))
                 missing = [k for k in ("spec_hash", "measures", "tolerances", "trials") if k not in baseline]
-            except json.JSONDecodeError as err:
-                raise SpecError(f"--baseline: {baseline_path} is not JSON: {err}") from err
+            except UnicodeDecodeError as err:
+                raise SpecError(f"--baseline: {baseline_path} is not UTF-8 text (byte offset {err.start})") from err
+            except (json.JSONDecodeError, TypeError) as err:
+                raise SpecError(f"--baseline: {baseline_path} is not a JSON object: {err}") from err
             if missing:
                 raise SpecError(f"--baseline: {baseline_path} lacks {missing}")
             if baseline["spec_hash"] != pinned:
@@ -190,14 +208,13 @@ def main(argv: list[str] | None = None) -> int:
                                 f"({baseline.get('spec_name')}), this study is spec {pinned}: not comparable")
         raw = apply_overrides(spec.raw, a.set)
         parse_spec(raw, "the overridden spec")
+        out = output_dir(Path(a.out) if a.out else Path("runs") / f"regression-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    out = Path(a.out) if a.out else Path("runs") / f"regression-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "regression-spec.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    _warm_victims(spec, a, log)
     from . import sensitivity
 
     flags = [f for k in ("mlflow_uri", "address", "data_root", "cache_dir") if getattr(a, k)
@@ -209,14 +226,23 @@ def main(argv: list[str] | None = None) -> int:
     now, trials = measures(out)
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     if a.update_baseline:
+        defaults = {m: t for m, (_, t) in MEASURES.items()}
+        doc = {"spec_name": spec.name, "spec_hash": pinned, "created": created, "versions": versions(),
+               "device": "cpu", "tolerances": defaults, "tolerance_note": TOLERANCE_NOTE}
+        if a.spread:
+            runs = read_runs(a.spread, measures)
+            spread = measure_spread(now, [r[0] for r in runs], list(MEASURES))
+            doc["tolerances_by_defense"] = tolerances_from(spread, defaults, STEPS)
+            doc["spread"] = {"runs": [str(d) for d in a.spread], "note": a.spread_note, "margin": MARGIN,
+                             "per_measure": spread, "per_trial": trial_spread(trials, [r[1] for r in runs])}
+            log(f"tolerances from the spread of {len(runs)} run(s): per trial |dACC| <= "
+                f"{doc['spread']['per_trial']['max_acc']}, |dASR| <= {doc['spread']['per_trial']['max_asr']}")
         baseline_path.parent.mkdir(parents=True, exist_ok=True)
-        baseline_path.write_text(json.dumps(
-            {"spec_name": spec.name, "spec_hash": pinned, "created": created, "versions": versions(),
-             "device": "cpu", "tolerances": {m: t for m, (_, t) in MEASURES.items()}, "tolerance_note": TOLERANCE_NOTE,
-             "measures": now, "trials": trials, "overrides": a.set}, indent=2) + "\n")
+        baseline_path.write_text(json.dumps({**doc, "measures": now, "trials": trials, "overrides": a.set},
+                                            indent=2) + "\n")
         log(f"baseline written: {baseline_path} ({len(trials)} trials, {len(now)} defences, spec {pinned})")
         return 0
-    rows = compare(baseline["measures"], now, baseline["tolerances"])
+    rows = compare(baseline["measures"], now, baseline["tolerances"], baseline.get("tolerances_by_defense"))
     verdict = "regression" if any(r["verdict"] in ("regression", "changed") for r in rows) else "pass"
     result = {"verdict": verdict, "spec_name": spec.name, "spec_hash": pinned, "baseline_file": str(baseline_path),
               "baseline_created": baseline.get("created"), "created": created, "overrides": a.set,
@@ -230,19 +256,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"now {_fmt(r['now'])} (tolerance {r['tolerance']:g})")
     log(f"regression verdict: {verdict.upper()} (report: {out / 'regression.md'})")
     return 1 if verdict == "regression" else 0
-
-
-def _warm_victims(spec, a, log) -> None:
-    """Train (or load) every victim before the study starts, so the study always finds them
-    cached. Measured: the same trials on a victim trained within the study's Ray session and on
-    the bit-identical victim loaded from the cache can differ (see the README); a regression
-    run must compare like with like."""
-    from backdoor.victims import get_or_train
-
-    cache = Path(a.cache_dir) if a.cache_dir else None
-    for v in spec.victims:
-        victim = get_or_train(v, cache, data_root=a.data_root, log=lambda m: None)
-        log(f"victim {victim.victim_id}: {'cached' if victim.from_cache else 'trained now and cached'}")
 
 
 def _tag_mlflow(out: Path, verdict: str) -> None:

@@ -118,7 +118,8 @@ def run_study(spec: StudySpec, trials: list[dict], out: Path, state: dict, done_
     epochs = ResultsFile(out / "epochs.csv", EPOCH_COLUMNS)
     client, parent = start_tracking(spec, out, state, done_ids, log)
     if not ray.is_initialized():  # workers inherit the tracking URI: none of them opens a store of its own
-        ray.init(address=args.address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+        # no --address: a Ray of this study's own ("local"), never a cluster someone else started on this machine
+        ray.init(address=args.address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": state["tracking_uri"]}})
     nodes = [n for n in ray.nodes() if n["Alive"]]
     log(f"Ray: {len(nodes)} node(s), {sum(n['Resources'].get('CPU', 0) for n in nodes):g} CPUs, "

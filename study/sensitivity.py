@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from .spec import SpecError, StudySpec, count_summary, expand_trials, load_spec, parse_spec
+from .spec import SpecError, StudySpec, count_summary, expand_trials, load_spec, output_dir, parse_spec, read_yaml
 from .tracking import read_results
 
 DEFAULT_MLFLOW_URI = "sqlite:///mlflow.db"
@@ -111,7 +111,7 @@ def _setup(a: argparse.Namespace) -> tuple[StudySpec, Path, dict]:
         out = Path(a.resume)
         if not (out / "study.yaml").is_file():
             raise SpecError(f"--resume: {str(out)!r} holds no study.yaml (not a study output directory)")
-        spec = parse_spec(yaml.safe_load((out / "study.yaml").read_text()), str(out / "study.yaml"))
+        spec = parse_spec(read_yaml(out / "study.yaml", "--resume"), str(out / "study.yaml"))
         state = json.loads((out / "state.json").read_text()) if (out / "state.json").exists() else {}
         if a.mlflow_uri and state.get("tracking_uri") and a.mlflow_uri != state["tracking_uri"]:
             raise SpecError(f"--mlflow-uri: the study in {out} records to {state['tracking_uri']}, not {a.mlflow_uri}")
@@ -119,7 +119,7 @@ def _setup(a: argparse.Namespace) -> tuple[StudySpec, Path, dict]:
             raise SpecError(f"--search: the study in {out} ran a {state['search']} search")
     else:
         spec = load_spec(a.preset, a.config)
-        out = Path(a.out) if a.out else Path("runs") / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = output_dir(Path(a.out) if a.out else Path("runs") / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         if (out / "results.csv").exists():
             raise SpecError(f"--out: {str(out)!r} already holds a study; use --resume {out} or another --out")
         state = {}

@@ -149,10 +149,12 @@ def expand_trials(spec: StudySpec) -> list[dict]:
 
 
 def _list(raw: Any, where: str, check, what: str) -> list:
+    """A list whose every element passes `check`; absent (None) is []. An empty list written
+    out is refused: it would silently mean "nothing" (or a default) where a value was meant."""
     if raw is None:
         return []
-    if not isinstance(raw, list):
-        raise SpecError(f"{where}: must be a list, got {raw!r}")
+    if not isinstance(raw, list) or not raw:
+        raise SpecError(f"{where}: must be a non-empty list (leave the key out instead), got {raw!r}")
     for i, v in enumerate(raw):
         if not check(v):
             raise SpecError(f"{where}[{i}]: must be {what}, got {v!r}")
@@ -174,9 +176,10 @@ def parse_spec(raw: Any, source: str = "spec") -> StudySpec:
     if not isinstance(name, str) or not name.strip():
         raise SpecError(f"name: a study needs a non-empty name, got {name!r}")
 
-    raw_victims = raw.get("victims") or [{}]
-    if not isinstance(raw_victims, list):
-        raise SpecError(f"victims: must be a list of victim specs, got {raw_victims!r}")
+    raw_victims = raw.get("victims", [{}])   # left out: the default digits BadNets victim
+    if not isinstance(raw_victims, list) or not raw_victims:
+        raise SpecError(f"victims: must be a non-empty list of victim specs (leave the key out for the default "
+                        f"digits BadNets victim), got {raw_victims!r}")
     victims, sources = [], []
     for i, v in enumerate(raw_victims):
         for where, spec in _parse_victim_entry(v, f"victims[{i}]"):
@@ -202,7 +205,7 @@ def parse_spec(raw: Any, source: str = "spec") -> StudySpec:
                       "a share of the training set in (0, 1]")
     shots = _list(clean.get("shots"), "clean.shots", lambda v: _int(v) and v >= 1, "a positive integer")
     seeds = _list(clean.get("subset_seeds", [0]), "clean.subset_seeds", lambda v: _int(v) and v >= 0,
-                  "an integer >= 0") or [0]
+                  "an integer >= 0")
     if any(d.needs_clean_data for d in defenses) and not (fractions or shots):
         raise SpecError("clean: defences that need clean data are listed but no clean.fractions or clean.shots")
 
@@ -369,11 +372,30 @@ def load_spec(preset: str | None = None, config: str | Path | None = None) -> St
         if not path.is_file():
             known = sorted(p.stem for p in PRESETS.glob("*.yaml"))
             raise SpecError(f"--preset: unknown preset {preset!r}; known: {known}")
+    return parse_spec(read_yaml(path, "--config" if config is not None else "--preset"), str(path))
+
+
+def read_yaml(path: Path, flag: str) -> Any:
+    """A YAML file's content; a file that is not UTF-8 text or not YAML is a `SpecError` naming
+    `flag` and the file."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{flag}: {str(path)!r} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                        f"{err.start})") from err
     except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML ({err})") from err
-    return parse_spec(raw, str(path))
+        raise SpecError(f"{flag}: {str(path)!r} is not valid YAML ({err})") from err
+    except OSError as err:
+        raise SpecError(f"{flag}: cannot read {str(path)!r} ({err.strerror or err})") from err
+
+
+def output_dir(path: Path, flag: str = "--out") -> Path:
+    """`path` as an output directory: refused, naming `flag`, when it or a folder above it is a file."""
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            where = "is" if p == path else f"is under {str(p)!r}, which is"
+            raise SpecError(f"{flag}: {str(path)!r} {where} a file, not a directory")
+    return path
 
 
 def count_summary(spec: StudySpec, trials: list[dict]) -> str:

@@ -138,6 +138,7 @@ def _server_runs(uri: str):
     return client, parent, children
 
 
+@pytest.mark.slow
 def test_study_runs_trials_on_both_nodes_and_records_them_on_the_mlflow_server(tmp_path, mlflow_server, two_nodes):
     cluster, worker = two_nodes
     proc = _study(tmp_path, cluster, mlflow_server, {"epochs": 2, "samples_per_epoch": 256, "milestones": [1]},
@@ -159,6 +160,7 @@ def test_study_runs_trials_on_both_nodes_and_records_them_on_the_mlflow_server(t
     assert (tmp_path / "artifacts").is_dir() and list((tmp_path / "artifacts").rglob("tradeoff.png"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_retries", [2, 0])
 def test_a_worker_node_killed_mid_study_follows_the_failure_policy(tmp_path, mlflow_server, two_nodes, max_retries):
     """max_retries 2 (the default): the lost trial runs again on the surviving node; 0: it is a

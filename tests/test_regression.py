@@ -39,6 +39,7 @@ def baseline(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_baseline_is_made_by_the_tool_and_records_its_origin(baseline):
     base = json.loads((baseline / "base.json").read_text())
     assert base["spec_hash"] == spec_hash(SPEC) and base["spec_name"] == "reg"
@@ -48,6 +49,7 @@ def test_baseline_is_made_by_the_tool_and_records_its_origin(baseline):
     assert ft["mean_asr"] < 50, ft     # the pinned FT removes most of the backdoor: a weakened one must show
 
 
+@pytest.mark.slow
 def test_unchanged_rerun_passes_with_identical_trials(baseline):
     proc = _run(baseline, "--config", str(baseline / "spec.yaml"), "--baseline", str(baseline / "base.json"),
                 "--out", str(baseline / "run1"))
@@ -62,6 +64,21 @@ def test_unchanged_rerun_passes_with_identical_trials(baseline):
     assert parent.data.tags["regression"] == "pass"
 
 
+@pytest.mark.slow
+def test_a_baseline_with_a_spread_records_it_and_sets_tolerances_per_defence(baseline):
+    assert (baseline / "run1" / "results.csv").exists(), "runs after test_unchanged_rerun_passes_with_identical_trials"
+    proc = _run(baseline, "--config", str(baseline / "spec.yaml"), "--baseline", str(baseline / "spread.json"),
+                "--update-baseline", "--spread", str(baseline / "run1"), "--spread-note", "same machine",
+                "--out", str(baseline / "run-spread"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    base = json.loads((baseline / "spread.json").read_text())
+    assert base["spread"]["note"] == "same machine" and base["spread"]["runs"] == [str(baseline / "run1")]
+    assert base["spread"]["per_trial"] == {"compared": 2, "moved": 0, "max_acc": 0.0, "max_asr": 0.0,
+                                           "median_acc": 0.0, "median_asr": 0.0}   # bit-identical on one CPU
+    assert base["tolerances_by_defense"] == {"ft": base["tolerances"]}            # no spread: the defaults
+
+
+@pytest.mark.slow
 def test_a_weakened_defence_is_caught_and_named(baseline):
     proc = _run(baseline, "--config", str(baseline / "spec.yaml"), "--baseline", str(baseline / "base.json"),
                 "--out", str(baseline / "run2"), "--set", "ft.lr=0.0002")
@@ -75,6 +92,7 @@ def test_a_weakened_defence_is_caught_and_named(baseline):
     assert study["defenses"][0]["config"]["lr"] == 0.0002 and "lr" not in study["defenses"][0]["sweep"]
 
 
+@pytest.mark.slow
 def test_a_baseline_from_another_spec_is_refused(baseline, tmp_path):
     other = {**SPEC, "defenses": [{**SPEC["defenses"][0], "sweep": {"lr": [0.01]}}]}
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
@@ -116,3 +134,39 @@ def test_overrides_and_comparison_rules():
     assert verdicts == {"mean_acc": "regression", "mean_asr": "improved", "safe_share": "ok",
                         "acc_at_safe_asr": "ok", "worst_asr": "ok"}
     assert all(r["verdict"] == "regression" for r in compare(base, {}, tol) if r["baseline"] is not None)
+
+
+def test_per_defence_tolerances_come_from_the_measured_spread():
+    from study.regression import STEPS
+    from study.tolerances import measure_spread, tolerances_from, trial_spread
+
+    defaults = {m: t for m, (_, t) in MEASURES.items()}
+    now = {"ft": {"mean_acc": 95.0, "mean_asr": 5.0, "safe_share": 0.5, "acc_at_safe_asr": None, "worst_asr": 9.0},
+           "nad": {"mean_acc": 70.0, "mean_asr": 20.0, "safe_share": 0.1, "acc_at_safe_asr": 96.0, "worst_asr": 90.0}}
+    other = {"ft": dict(now["ft"], mean_acc=94.9),                                  # inside the default
+             "nad": dict(now["nad"], mean_acc=66.1, mean_asr=23.0, acc_at_safe_asr=None)}  # a chaotic defence
+    spread = measure_spread(now, [other], list(MEASURES))
+    assert spread["ft"]["mean_acc"] == pytest.approx(0.1) and spread["nad"]["mean_acc"] == pytest.approx(3.9)
+    assert spread["nad"]["acc_at_safe_asr"] is None
+    tol = tolerances_from(spread, defaults, STEPS)
+    assert tol["ft"] == defaults                                          # never below the defaults
+    assert tol["nad"]["mean_acc"] == 8.0 and tol["nad"]["mean_asr"] == 6.0   # 2 x 3.9 -> 8.0; 2 x 3.0
+    # the same move is a regression for FT and within NAD's measured spread
+    moved = {d: dict(v, mean_acc=v["mean_acc"] - 5) for d, v in now.items()}
+    verdicts = {r["defense"]: r["verdict"] for r in compare(now, moved, defaults, tol) if r["measure"] == "mean_acc"}
+    assert verdicts == {"ft": "regression", "nad": "ok"}
+    trials = {"a": {"acc": 90.0, "asr": 1.0}, "b": {"acc": 80.0, "asr": 2.0}, "c": {"acc": None, "asr": None}}
+    assert trial_spread(trials, [{"a": {"acc": 90.0, "asr": 1.0}, "b": {"acc": 77.5, "asr": 2.5}}]) == \
+        {"compared": 2, "moved": 1, "max_acc": 2.5, "max_asr": 0.5, "median_acc": 2.5, "median_asr": 0.5}
+
+
+def test_spread_needs_update_baseline_and_study_directories(tmp_path, capsys):
+    from study.regression import main as regression_main
+
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(SPEC))
+    common = ["--config", str(tmp_path / "spec.yaml"), "--baseline", str(tmp_path / "b.json"), "--out", str(tmp_path / "o")]
+    assert regression_main([*common, "--spread", str(tmp_path)]) == 2
+    assert "--spread: only with --update-baseline" in capsys.readouterr().err
+    assert regression_main([*common, "--update-baseline", "--spread", str(tmp_path)]) == 2
+    assert f"--spread: {str(tmp_path)!r} holds no results.csv" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "b.json").exists()

@@ -180,6 +180,7 @@ def test_presets_are_valid_and_quick_has_what_the_quickstart_promises():
 
 # --- real studies on local Ray -----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_reduced_study_records_every_trial_and_a_failing_one_does_not_stop_it(tmp_path):
     spec = _spec(defenses=[{"name": "ft", "config": TINY_FT, "sweep": {"lr": [0.01, 0.05]}},
                            {"name": "nc", "config": {**TINY_FT, "reverse_epochs": 1, "reverse_steps_per_epoch": 1},
@@ -221,6 +222,7 @@ def test_reduced_study_records_every_trial_and_a_failing_one_does_not_stop_it(tm
     assert "plots/tradeoff.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
 
 
+@pytest.mark.slow
 def test_killed_study_resumes_without_duplicate_rows_or_runs(tmp_path):
     spec = _spec(defenses=[{"name": "ft", "config": {**TINY_FT, "epochs": 3, "samples_per_epoch": 512},
                             "sweep": {"lr": [0.005, 0.01, 0.02, 0.04, 0.08, 0.16]}}])
@@ -238,6 +240,7 @@ def test_killed_study_resumes_without_duplicate_rows_or_runs(tmp_path):
     assert all(c[1] == "FINISHED" for c in children)
 
 
+@pytest.mark.slow
 def test_optuna_search_runs_the_space_and_keeps_history_and_pareto_front(tmp_path):
     import optuna
 
@@ -256,3 +259,42 @@ def test_optuna_search_runs_the_space_and_keeps_history_and_pareto_front(tmp_pat
         front = list(csv.DictReader(f))
     assert front and {r["trial_id"] for r in front} <= {r["trial_id"] for r in rows}
     assert "pareto ft" in proc.stdout
+
+
+# --- clean failures: exit 2 naming the file or field, no traceback -------------------------------
+
+@pytest.mark.parametrize("change, field", [
+    ({"victims": []}, "victims: must be a non-empty list"),
+    ({"clean": {"fractions": [0.02], "subset_seeds": []}}, "clean.subset_seeds: must be a non-empty list"),
+    ({"clean": {"fractions": [], "shots": [2]}}, "clean.fractions: must be a non-empty list"),
+    ({"clean": {"fractions": [0.02], "shots": []}}, "clean.shots: must be a non-empty list"),
+    ({"defenses": [{"name": "ft", "victims": []}]}, "defenses[0].victims: must be a non-empty list"),
+    ({"defenses": []}, "defenses: must be a non-empty list"),
+])
+def test_empty_required_lists_are_refused_not_replaced_by_defaults(tmp_path, capsys, change, field):
+    path = _write(tmp_path, _spec(**change))
+    assert main(["--config", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert field in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert len(parse_spec({k: v for k, v in _spec().items() if k != "victims"}).victims) == 1  # absent: the default
+
+
+def test_a_spec_that_is_not_utf8_and_an_out_that_is_a_file_exit_2_by_name(tmp_path, capsys):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(yaml.safe_dump(_spec(name="caf\u00e9"), allow_unicode=True).encode("latin-1"))
+    assert main(["--config", str(bad), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"--config: {str(bad)!r} is not UTF-8 text" in err and "Traceback" not in err
+    path = _write(tmp_path, _spec())
+    (tmp_path / "taken").write_text("a file")
+    for out, said in ((tmp_path / "taken", "is a file"), (tmp_path / "taken" / "sub", "which is a file")):
+        assert main(["--config", str(path), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out: {str(out)!r}" in err and said in err
+    from study.regression import main as regression_main
+    assert regression_main(["--config", str(path), "--baseline", str(tmp_path / "b.json"), "--update-baseline",
+                            "--out", str(tmp_path / "taken")]) == 2
+    assert "--out:" in capsys.readouterr().err
+    assert regression_main(["--config", str(bad), "--baseline", str(tmp_path / "b.json")]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "a file"

@@ -38,6 +38,7 @@ def test_bad_pack_values_are_refused_by_name(tmp_path, capsys):
     assert "--pack:" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_packed_study_records_each_member_as_its_unpacked_study_does(tmp_path):
     spec = _spec(defenses=[{"name": "ft", "config": TINY_FT, "sweep": {"lr": [0.01, 0.05, 1e30]}}],
                  clean={"fractions": [0.02, 0.05], "subset_seeds": [0]}, pack=8)
@@ -76,6 +77,7 @@ def _epochs(out) -> list[tuple]:
         return [(e["trial_id"], e["epoch"], e["acc"], e["asr"], e["weight_drift"]) for e in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_a_killed_packed_study_resumes_only_the_members_not_recorded(tmp_path):
     spec = _spec(defenses=[{"name": "ft", "config": {**TINY_FT, "epochs": 3, "samples_per_epoch": 384},
                             "sweep": {"lr": [0.005, 0.01, 0.02, 0.04, 0.08, 0.12, 0.16, 0.2]}}], pack=2)

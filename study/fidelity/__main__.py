@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                         nft_model=a.nft_model, mlflow_uri=a.mlflow_uri, force=a.force)
     log = lambda m: print(m, flush=True)  # noqa: E731
     try:
+        if names == []:
+            raise ValueError(f"--rows: no row name in {' '.join(a.rows)!r}; see --help for the rows")
         if a.dry_run:
             return dry_run(settings, log)
         return run_fidelity(settings, log=log)
