@@ -176,7 +176,7 @@ def parse_spec(raw: Any, source: str = "spec") -> StudySpec:
     if not isinstance(name, str) or not name.strip():
         raise SpecError(f"name: a study needs a non-empty name, got {name!r}")
 
-    raw_victims = raw.get("victims", [{}])   # left out: the default digits BadNets victim
+    raw_victims = raw["victims"] if raw.get("victims") is not None else [{}]   # left out: the default victim
     if not isinstance(raw_victims, list) or not raw_victims:
         raise SpecError(f"victims: must be a non-empty list of victim specs (leave the key out for the default "
                         f"digits BadNets victim), got {raw_victims!r}")
@@ -204,8 +204,8 @@ def parse_spec(raw: Any, source: str = "spec") -> StudySpec:
                       lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
                       "a share of the training set in (0, 1]")
     shots = _list(clean.get("shots"), "clean.shots", lambda v: _int(v) and v >= 1, "a positive integer")
-    seeds = _list(clean.get("subset_seeds", [0]), "clean.subset_seeds", lambda v: _int(v) and v >= 0,
-                  "an integer >= 0")
+    seeds = _list(clean.get("subset_seeds"), "clean.subset_seeds", lambda v: _int(v) and v >= 0,
+                  "an integer >= 0") or [0]   # left out (or null): seed 0; an empty list is refused above
     if any(d.needs_clean_data for d in defenses) and not (fractions or shots):
         raise SpecError("clean: defences that need clean data are listed but no clean.fractions or clean.shots")
 

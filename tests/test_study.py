@@ -276,7 +276,10 @@ def test_empty_required_lists_are_refused_not_replaced_by_defaults(tmp_path, cap
     assert main(["--config", str(path), "--out", str(tmp_path / "o")]) == 2
     assert field in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    assert len(parse_spec({k: v for k, v in _spec().items() if k != "victims"}).victims) == 1  # absent: the default
+    absent = parse_spec({**{k: v for k, v in _spec().items() if k != "victims"}, "clean": {"fractions": [0.02]}})
+    written_null = parse_spec(_spec(victims=None, clean={"fractions": [0.02], "subset_seeds": None}))
+    for spec in (absent, written_null):   # left out or null: the default victim and subset seed 0
+        assert len(spec.victims) == 1 and spec.subset_seeds == [0]
 
 
 def test_a_spec_that_is_not_utf8_and_an_out_that_is_a_file_exit_2_by_name(tmp_path, capsys):
