@@ -31,15 +31,16 @@ from backdoor.defenses import DEFENSES
 from search_spaces import config_field
 
 from .spec import SpecError, load_spec, output_dir, parse_spec
-from .tolerances import MARGIN, measure_spread, read_runs, tolerance, tolerances_from, trial_spread
+from .tolerances import MARGIN, measure_spread, read_runs, tolerances_from, trial_spread
 
 BASELINES = Path(__file__).parent / "baselines"
 # measure -> (direction a regression moves it, default tolerance). Units: points of %, share in [0, 1].
 MEASURES = {"mean_acc": ("down", 1.0), "mean_asr": ("up", 3.0), "safe_share": ("down", 0.10),
             "acc_at_safe_asr": ("down", 1.5), "worst_asr": ("up", 5.0)}
 STEPS = {"mean_acc": 0.5, "mean_asr": 0.5, "safe_share": 0.05, "acc_at_safe_asr": 0.5, "worst_asr": 0.5}
-TOLERANCE_NOTE = ("On one CPU a pinned study is bit-reproducible at any thread count (backdoor.determinism; "
-                  "max_trial_delta in regression.json is 0). Across CPUs and torch builds it is not: the per-defence "
+TOLERANCE_NOTE = ("On one CPU a pinned study is bit-reproducible, from a warm or an empty victim cache "
+                  "(backdoor.determinism; max_trial_delta in regression.json is 0). Across CPUs and torch builds it is "
+                  "not: the per-defence "
                   "tolerances (tolerances_by_defense) are twice the largest delta measured between this run and the "
                   "runs in `spread`, and never below the defaults (tolerances). CUDA kernels are not "
                   "bit-deterministic either: measure a spread for a GPU baseline.")
@@ -108,7 +109,7 @@ def compare(baseline: dict, now: dict[str, dict], tolerances: dict[str, float],
     for defense in sorted(set(baseline) | set(now)):
         for m, (bad, _) in MEASURES.items():
             b, n = baseline.get(defense, {}).get(m), now.get(defense, {}).get(m)
-            tol = tolerance({"tolerances": tolerances, "tolerances_by_defense": by_defense or {}}, defense, m)
+            tol = (by_defense or {}).get(defense, {}).get(m, tolerances[m])
             if b is None and n is None:
                 verdict, delta = "ok", None
             elif b is None or n is None:

@@ -59,12 +59,6 @@ def tolerances_from(spread: dict[str, dict], defaults: dict[str, float], steps: 
                 for m, s in row.items()} for d, row in spread.items()}
 
 
-def tolerance(baseline: dict, defense: str, measure: str) -> float:
-    """The tolerance a baseline sets for one defence's measure (its per-defence value, else the
-    measure's default)."""
-    return baseline.get("tolerances_by_defense", {}).get(defense, {}).get(measure, baseline["tolerances"][measure])
-
-
 def read_runs(dirs: list[str], measures_of) -> list[tuple[dict, dict]]:
     """(per-defence measures, per-trial metrics) of each study output directory, via `measures_of(Path)`."""
     return [measures_of(Path(d)) for d in dirs]
