@@ -4,6 +4,7 @@
     python -m study.regression --update-baseline                # (re)make that baseline from a real run
     python -m study.regression --config s.yaml --baseline b.json --out runs/reg
     python -m study.regression --set ft.lr=0.0002               # a weakened defence: should be caught (exit 1)
+    python -m study.regression --update-baseline --spread runs/other-cpu runs/two-threads   # per-defence tolerances
 
 Exit code 0: no measure regressed beyond its tolerance; 1: a regression (regression.md names
 it); 2: could not run (bad spec, missing baseline, baseline from another spec, study crashed).
