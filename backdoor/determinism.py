@@ -15,7 +15,7 @@ at 8.
 
 Fix: MKL's conditional numerical reproducibility in strict mode (`MKL_CBWR=AUTO,STRICT`), so
 GEMM results no longer depend on the thread count, and oneDNN capped at AVX2 kernels
-(`ONEDNN_MAX_CPU_ISA=AVX2`; no change on an AVX2 CPU, about 10% slower training measured on
+(`ONEDNN_MAX_CPU_ISA=AVX2`; no change on an AVX2 CPU, about 13% slower training measured on
 the AVX-512 Xeon). Both libraries read these variables at their first call, so `apply()`
 runs when `backdoor` is imported, before any torch arithmetic of ours. Values the user set
 win; `BACKDOOR_CPU_REPRO=0` sets neither. `mkl_mode()` reads back what MKL actually uses.
