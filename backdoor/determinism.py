@@ -69,13 +69,6 @@ def mkl_mode() -> str | None:
     return branch + (",STRICT" if setting & _STRICT else "")
 
 
-def thread_invariant() -> bool:
-    """Whether this process's CPU arithmetic is set up to be independent of the thread count
-    (MKL strict mode in effect, or no MKL at all)."""
-    mode = mkl_mode()
-    return mode is None or mode.endswith(",STRICT")
-
-
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
     """Run CPU work on one intra-op thread, so its bits do not depend on the thread count

@@ -32,7 +32,7 @@ from backdoor.defenses import DEFENSES
 from search_spaces import config_field
 
 from .spec import SpecError, load_spec, output_dir, parse_spec
-from .tolerances import MARGIN, measure_spread, read_runs, tolerances_from, trial_spread
+from .tolerances import MARGIN, measure_spread, tolerances_from, trial_spread
 
 BASELINES = Path(__file__).parent / "baselines"
 # measure -> (direction a regression moves it, default tolerance). Units: points of %, share in [0, 1].
@@ -149,10 +149,9 @@ def write_report(out: Path, result: dict) -> None:
 
 
 def _trial_delta(base: dict, now: dict) -> dict:
-    common = [t for t in base if t in now and base[t]["acc"] is not None and now[t]["acc"] is not None]
-    acc = max((abs(now[t]["acc"] - base[t]["acc"]) for t in common), default=None)
-    asr = max((abs(now[t]["asr"] - base[t]["asr"]) for t in common), default=None)
-    return {"acc": acc, "asr": asr, "compared": len(common)}
+    """Largest per-trial |delta| ACC / ASR between this run and the baseline (`trial_spread`)."""
+    spread = trial_spread(now, [base])
+    return {"acc": spread["max_acc"], "asr": spread["max_asr"], "compared": spread["compared"]}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -232,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = {"spec_name": spec.name, "spec_hash": pinned, "created": created, "versions": versions(),
                "device": "cpu", "tolerances": defaults, "tolerance_note": TOLERANCE_NOTE}
         if a.spread:
-            runs = read_runs(a.spread, measures)
+            runs = [measures(Path(d)) for d in a.spread]
             spread = measure_spread(now, [r[0] for r in runs], list(MEASURES))
             doc["tolerances_by_defense"] = tolerances_from(spread, defaults, STEPS)
             doc["spread"] = {"runs": [str(d) for d in a.spread], "note": a.spread_note, "margin": MARGIN,

@@ -1,8 +1,8 @@
 """Regression tolerances from a measured spread: how far the same pinned study moves when only
 the arithmetic changes (another thread count, CPU, or torch build), per defence and measure.
 
-A CPU run is bit-reproducible on one machine whatever its thread count (`backdoor.determinism`),
-but not across instruction sets or library builds, and a high-lr trial amplifies a last-bit
+A CPU run is bit-reproducible on one machine (`backdoor.determinism`), but not across
+instruction sets or library builds, and a high-lr trial amplifies a last-bit
 difference into points of ACC. `python -m study.regression --update-baseline --spread DIR ...`
 compares this run with runs of the same study made elsewhere and writes, per defence and
 measure, max(default, MARGIN x the largest |delta| seen), rounded up, into the baseline.
@@ -10,7 +10,6 @@ measure, max(default, MARGIN x the largest |delta| seen), rounded up, into the b
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 MARGIN = 2.0   # the spread is measured from few runs: a tolerance is twice the largest delta seen
 
@@ -58,7 +57,3 @@ def tolerances_from(spread: dict[str, dict], defaults: dict[str, float], steps: 
     return {d: {m: max(defaults[m], _round_up(MARGIN * s, steps[m]) if s is not None else 0.0)
                 for m, s in row.items()} for d, row in spread.items()}
 
-
-def read_runs(dirs: list[str], measures_of) -> list[tuple[dict, dict]]:
-    """(per-defence measures, per-trial metrics) of each study output directory, via `measures_of(Path)`."""
-    return [measures_of(Path(d)) for d in dirs]

@@ -156,3 +156,11 @@ def test_schedule_scale_shortens_every_schedule():
     assert scale_config("ft", {"lr": 0.01}, 0.5) == {"lr": 0.01, "epochs": 10, "milestones": [5, 8]}
     assert scale_config("nad", {}, 0.1) == {"epochs": 2, "milestones": [1, 2], "teacher_epochs": 1}
     assert scale_config("fp", {"epochs": 4}, 1.0) == {"epochs": 4}
+
+
+def test_an_out_that_is_a_file_or_under_one_is_refused(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "sub"):
+        assert main(["--preset", "tiny", "--rows", "nft-badnets", "--out", str(out)]) == 2
+        assert f"--out: {str(out)!r}" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "a file"

@@ -26,6 +26,7 @@ from backdoor.purify import run_defense
 from backdoor.runtime import resolve_device
 from backdoor.victims import Victim, get_or_train
 
+from ..spec import output_dir
 from .rows import PRESETS, ROWS, Row, defense_config, select_rows, victim_spec
 from .verdict import judge, judge_amplified, render_markdown
 
@@ -80,8 +81,7 @@ def load_state(out: Path, header: dict) -> dict:
     """The resume state in `out/fidelity.json`, or a new one; refuses a file from another
     preset, data set or schedule scale (naming --out), so rows are never mixed or lost."""
     path = out / "fidelity.json"
-    if out.exists() and not out.is_dir():
-        raise FidelityError(f"--out: {str(out)!r} is a file, not a directory")
+    output_dir(out)   # a file, or a path under one, is refused naming --out
     if not path.exists():
         return {**header, "format": STATE_FORMAT, "rows": {}, "failed": {}}
     try:
