@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         raw = apply_overrides(spec.raw, a.set)
         parse_spec(raw, "the overridden spec")
         out = output_dir(Path(a.out) if a.out else Path("runs") / f"regression-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if (out / "results.csv").exists():   # before regression-spec.yaml would overwrite that run's copy
+            raise SpecError(f"--out: {str(out)!r} already holds a study; use another --out")
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

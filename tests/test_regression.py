@@ -174,3 +174,9 @@ def test_spread_needs_update_baseline_and_study_directories(tmp_path, capsys):
     assert regression_main([*common, "--update-baseline", "--spread", str(tmp_path)]) == 2
     assert f"--spread: {str(tmp_path)!r} holds no results.csv" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (tmp_path / "b.json").exists()
+    (tmp_path / "o").mkdir()                              # an earlier run's output is never overwritten
+    for name, text in (("results.csv", "trial_id\n"), ("regression-spec.yaml", "kept: true\n")):
+        (tmp_path / "o" / name).write_text(text)
+    assert regression_main([*common, "--update-baseline"]) == 2
+    assert "already holds a study" in capsys.readouterr().err
+    assert (tmp_path / "o" / "regression-spec.yaml").read_text() == "kept: true\n"
