@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(t < 1 for t in a.threads):
         print("error: --threads: each must be >= 1", file=sys.stderr)
         return 2
+    if a.out and (Path(a.out).is_dir() or not Path(a.out).resolve().parent.is_dir()):
+        print(f"error: --out: {a.out!r} must be a file path in an existing directory", file=sys.stderr)
+        return 2
     if any(not item.partition("=")[0] or "=" not in item for item in a.env):
         print("error: --env: each item must be KEY=VALUE", file=sys.stderr)
         return 2
