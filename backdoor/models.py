@@ -73,21 +73,22 @@ class PreActBlock(nn.Module):
 
 
 class _ResNet(nn.Module):
-    """ResNet with the CIFAR stem: 3x3 conv1 stride 1, no max-pool."""
+    """ResNet with the CIFAR stem: 3x3 conv1 stride 1, no max-pool. `width` is the first
+    stage's channels (64 in the papers; stages double it); a narrow one has the same layers."""
 
-    def __init__(self, block, num_blocks, num_classes, in_channels, mean, std, preact):
+    def __init__(self, block, num_blocks, num_classes, in_channels, mean, std, preact, width: int = 64):
         super().__init__()
         self.normalize = Normalize(mean, std)
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.preact = preact
-        self.bn1 = nn.Identity() if preact else nn.BatchNorm2d(64)
-        self.in_planes = 64
-        self.layer1 = self._make_layer(block, 64, num_blocks[0], 1)
-        self.layer2 = self._make_layer(block, 128, num_blocks[1], 2)
-        self.layer3 = self._make_layer(block, 256, num_blocks[2], 2)
-        self.layer4 = self._make_layer(block, 512, num_blocks[3], 2)
-        self.bn_final = nn.BatchNorm2d(512) if preact else nn.Identity()
-        self.linear = nn.Linear(512, num_classes)
+        self.bn1 = nn.Identity() if preact else nn.BatchNorm2d(width)
+        self.in_planes = width
+        self.layer1 = self._make_layer(block, width, num_blocks[0], 1)
+        self.layer2 = self._make_layer(block, 2 * width, num_blocks[1], 2)
+        self.layer3 = self._make_layer(block, 4 * width, num_blocks[2], 2)
+        self.layer4 = self._make_layer(block, 8 * width, num_blocks[3], 2)
+        self.bn_final = nn.BatchNorm2d(8 * width) if preact else nn.Identity()
+        self.linear = nn.Linear(8 * width, num_classes)
 
     def _make_layer(self, block, planes: int, n: int, stride: int) -> nn.Sequential:
         layers = []
@@ -135,13 +136,13 @@ class SmallCNN(nn.Module):
 
 
 def resnet18(num_classes: int = 10, in_channels: int = 3, mean=(0.4914, 0.4822, 0.4465),
-             std=(0.2470, 0.2435, 0.2616)) -> nn.Module:
-    return _ResNet(BasicBlock, (2, 2, 2, 2), num_classes, in_channels, mean, std, preact=False)
+             std=(0.2470, 0.2435, 0.2616), width: int = 64) -> nn.Module:
+    return _ResNet(BasicBlock, (2, 2, 2, 2), num_classes, in_channels, mean, std, preact=False, width=width)
 
 
 def preact_resnet18(num_classes: int = 10, in_channels: int = 3, mean=(0.4914, 0.4822, 0.4465),
-                    std=(0.2470, 0.2435, 0.2616)) -> nn.Module:
-    return _ResNet(PreActBlock, (2, 2, 2, 2), num_classes, in_channels, mean, std, preact=True)
+                    std=(0.2470, 0.2435, 0.2616), width: int = 64) -> nn.Module:
+    return _ResNet(PreActBlock, (2, 2, 2, 2), num_classes, in_channels, mean, std, preact=True, width=width)
 
 
 def small_cnn(num_classes: int = 10, in_channels: int = 1, mean=(0.5,), std=(0.5,)) -> nn.Module:

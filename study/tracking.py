@@ -5,7 +5,8 @@ reports reach the driver, which is the single writer of the tracking store (no "
 locked" from a sqlite store however many trials finish at once). Per-epoch metrics are
 buffered and written in one batch when the trial ends. A row is appended to `results.csv`
 (and flushed to disk) as each trial ends, so a killed driver loses nothing finished; its
-per-epoch ACC / ASR go to `epochs.csv` just before. The `attack` column (and run tag) is
+per-epoch ACC / ASR go to `epochs.csv` just before. A pack's members are appended in one
+write, together. The `attack` column (and run tag) is
 `attack_label` of the trial's victim: the attack's name, `"<name> all-to-all"` for an
 all-to-all victim.
 """
@@ -220,10 +221,19 @@ class StudyRecorder(tune.Callback):
 
     # --- recording -----------------------------------------------------------------------------
     def _finish(self, trial, crash: str | None) -> None:
-        for rec in self.open.pop(trial.trial_id, {}).values():
-            self._finish_member(rec, crash)
+        """Close the MLflow runs of a Tune trial's members, then record all of their rows in one
+        write, so a driver killed meanwhile leaves a pack either wholly recorded or not at all."""
+        ended = [self._finish_member(rec, crash) for rec in self.open.pop(trial.trial_id, {}).values()]
+        epochs = [row for rows, _, _ in ended for row in rows]
+        if epochs:  # before the results rows: a trial in results.csv always has its epochs
+            self.epochs.append(*epochs)
+        if ended:
+            self.results.append(*(row for _, row, _ in ended))
+        for _, _, line in ended:
+            self.log(line)
 
-    def _finish_member(self, rec: dict, crash: str | None) -> None:
+    def _finish_member(self, rec: dict, crash: str | None) -> tuple[list[dict], dict, str]:
+        """End one member's MLflow run; its epochs.csv rows, results.csv row and progress line."""
         t, final = rec["trial"], rec["final"] or {}
         status = "failed" if crash or final.get("status") != "finished" else "finished"
         error = crash or final.get("error", "" if status == "finished" else "trial ended without a final report")
@@ -239,10 +249,8 @@ class StudyRecorder(tune.Callback):
         run_id = rec["run_id"]
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.set_terminated(run_id, status="FINISHED" if status == "finished" else "FAILED")
-        if rec["epochs"]:  # before the results row: a trial in results.csv always has its epochs
-            self.epochs.append(*(_epoch_row(r, t["trial_id"]) for r in rec["epochs"]))
-        self.results.append({**self._row(t, final, status, error, run_id, rec["config"]), **where,
-                             "retries": rec["retries"]})
+        epoch_rows = [_epoch_row(r, t["trial_id"]) for r in rec["epochs"]]
+        row = {**self._row(t, final, status, error, run_id, rec["config"]), **where, "retries": rec["retries"]}
         self.done += 1
         self.failed += status == "failed"
         what = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["axes"].items())
@@ -251,9 +259,10 @@ class StudyRecorder(tune.Callback):
         outcome = (f"ACC {final['acc']:.2f}  ASR {final['asr']:.2f}" if status == "finished"
                    else f"FAILED: {error[:160]}")
         packed = f" in a pack of {final['pack_size']}" if final.get("pack_size") else ""
-        self.log(f"[{self.done:3d}/{self.total}] {t['defense']:4s} {what} {budget} seed {t['subset_seed']}: {outcome}"
-                 f"  ({final.get('trial_seconds', float('nan')):.1f} s{packed}; "
-                 f"{time.perf_counter() - self.t_start:.0f} s in)")
+        line = (f"[{self.done:3d}/{self.total}] {t['defense']:4s} {what} {budget} seed {t['subset_seed']}: {outcome}"
+                f"  ({final.get('trial_seconds', float('nan')):.1f} s{packed}; "
+                f"{time.perf_counter() - self.t_start:.0f} s in)")
+        return epoch_rows, row, line
 
     def _row(self, t: dict, final: dict, status: str, error: str, run_id: str, config: dict) -> dict:
         v = self.victims[t["victim_index"]]

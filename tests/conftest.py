@@ -1,5 +1,19 @@
+import contextlib
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+
+# MLflow's usage telemetry runs background threads that reach for the network (closed here) and,
+# when they give up, unset an environment variable while another thread may be iterating
+# os.environ (a KeyError in a REST call, seen once in this suite). The tests never need it.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+if os.environ.get("PYTEST_XDIST_WORKER"):   # two workers share the cores: one thread each, no spinning
+    os.environ.setdefault("OMP_NUM_THREADS", "1")   # for the subprocesses the tests start, too
+    torch.set_num_threads(1)
 
 from backdoor.data import load_dataset
 
@@ -15,24 +29,125 @@ def digits():
     return load_dataset("digits")
 
 
+@contextlib.contextmanager
+def _run_wide(tmp_path_factory, name: str):
+    """A directory shared by this test run's xdist workers (just this process's without xdist),
+    held under a lock: the first worker to get it makes what it holds, the others find it made."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield root / name
+
+
+@pytest.fixture(scope="session")
+def _empty_mlflow_store(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store, made (schema migrations and all: seconds) once per run."""
+    from mlflow.tracking import MlflowClient
+
+    with _run_wide(tmp_path_factory, "mlflow-template") as d:
+        if not (d / "empty.db").exists():
+            d.mkdir(exist_ok=True)
+            MlflowClient(f"sqlite:///{d / 'part.db'}").search_experiments()
+            (d / "part.db").rename(d / "empty.db")
+    return d / "empty.db"
+
+
+@pytest.fixture
+def mlflow_store(_empty_mlflow_store, tmp_path):
+    """`mlflow_store(path=tmp_path/"mlflow.db")`: a fresh, empty MLflow sqlite store at `path` (a
+    copy of the session's empty one, so MLflow's migrations run once); returns its URI."""
+    def make(path: Path | None = None) -> str:
+        path = path or tmp_path / "mlflow.db"
+        shutil.copyfile(_empty_mlflow_store, path)
+        return f"sqlite:///{path}"
+
+    return make
+
+
 @pytest.fixture
 def cpu():
     return torch.device("cpu")
 
 
 @pytest.fixture(scope="session")
-def digits_victim(tmp_path_factory, digits):
-    """The default digits BadNets victim (small_cnn, ~4 s), shared by the pipeline and baseline tests."""
+def trained_default_victim(tmp_path_factory, digits):
+    """(cache directory, victim): the default digits BadNets victim (small_cnn, 30 epochs: the
+    suite's costliest shared fixture), trained once per test run into a cache that starts
+    empty; shared by the pipeline, baseline, victim-cache and study tests. Under xdist the
+    first worker to need it trains it (the others wait on a lock, then load it)."""
     from backdoor.victims import VictimSpec, get_or_train
 
-    return get_or_train(VictimSpec(), tmp_path_factory.mktemp("victims"), data=digits, device="cpu",
-                        log=lambda m: None)
+    with _run_wide(tmp_path_factory, "default-victim") as cache:
+        victim = get_or_train(VictimSpec(), cache, data=digits, device="cpu", log=lambda m: None)
+    return cache, victim
+
+
+@pytest.fixture(scope="session")
+def digits_victim(trained_default_victim):
+    """The default digits BadNets victim (see `trained_default_victim`)."""
+    return trained_default_victim[1]
 
 
 @pytest.fixture(scope="session")
 def resnet_victim(tmp_path_factory, digits):
-    """A digits BadNets ResNet-18 victim (4 epochs, ~30 s on 2 CPU cores: ACC ~99%, ASR ~100%)."""
+    """A digits BadNets ResNet-18 victim at width 8 (the same layers as the papers' ResNet-18
+    at 1/8 of its channels; 8 epochs, ~10 s on 2 CPU cores: ACC ~97%, ASR 100%). Registered
+    as model `resnet18_w8` for the session only."""
+    from functools import partial
+
+    from backdoor.models import MODELS, resnet18
     from backdoor.victims import VictimSpec, get_or_train
 
-    return get_or_train(VictimSpec(model="resnet18", epochs=4), tmp_path_factory.mktemp("victims"), data=digits,
-                        device="cpu", log=lambda m: None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(MODELS, "resnet18_w8", partial(resnet18, width=8))
+        yield get_or_train(VictimSpec(model="resnet18_w8", epochs=8, lr=0.01), tmp_path_factory.mktemp("victims"),
+                           data=digits, device="cpu", log=lambda m: None)
+
+
+def _needs_ray(item) -> bool:
+    return "ray_cluster" in getattr(item, "fixturenames", ())
+
+
+def pytest_itemcollected(item):
+    """xdist groups (`--dist loadgroup`): every test that needs the session's Ray in one group
+    (one worker runs them all, on one Ray, while the other runs the rest); every other module a
+    group of its own, so a module's fixtures are made once."""
+    item.add_marker(pytest.mark.xdist_group("ray" if _needs_ray(item) else item.nodeid.split("::")[0]))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests that need the session's Ray first: their worker starts on them at once."""
+    items.sort(key=lambda item: not _needs_ray(item))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The session's Ray, connected to this process: a head and one worker node (separate
+    raylets, one CPU each) on this machine, as a small cluster is. A node that is lost is
+    declared dead after about 1.5 s (Ray's default health check takes about 15 s). Idle task
+    workers are kept (Ray's default kills one a second after it idles beside an actor), so
+    each study's victim stage finds a warm worker: ~0.1 s instead of a new process (5-7 s)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+        "num_cpus": 1, "include_dashboard": False,
+        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
+                           "health_check_failure_threshold": 3,
+                           "idle_worker_killing_time_threshold_ms": 3_600_000}})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_runtime(ray_cluster, trained_default_victim):
+    """Ray for the studies the tests run in this process (`ray.init` and a driver's start cost
+    seconds each time; a study that finds Ray running uses it). Yields the victim cache that
+    `trained_default_victim` trained into: a study given it as `--cache-dir` loads the default
+    victim (the same bits at any thread count: `backdoor.determinism`) instead of training it."""
+    return trained_default_victim[0]

@@ -1,4 +1,10 @@
-"""Small builders the defence tests share: a seeded random model, random images, a state copy."""
+"""Small builders the tests share: a seeded random model, random images, a state copy, and
+`run_cli` (a command's `main` run in the test process)."""
+import contextlib
+import io
+import os
+from pathlib import Path
+
 import torch
 
 from backdoor.data import ImageSet
@@ -18,3 +24,21 @@ def random_images(n: int = 40, channels: int = 1, size: int = 16, seed: int = 0)
 
 def state_copy(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def run_cli(main, *argv, cwd: Path | None = None) -> tuple[int, str, str]:
+    """`main(argv)` of a command (study.sensitivity, study.regression) in this process, from
+    `cwd`: (exit code, stdout, stderr). A study run here uses the Ray already running (the
+    `ray_runtime` fixture), so it starts in seconds; the MLflow tracking URI it sets is put back."""
+    from mlflow.tracking._tracking_service import utils
+
+    out, err, uri, here = io.StringIO(), io.StringIO(), utils._tracking_uri, os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main([str(a) for a in argv])
+    finally:
+        os.chdir(here)
+        utils._tracking_uri = uri
+    return rc, out.getvalue(), err.getvalue()

@@ -168,13 +168,13 @@ def test_run_name_carries_the_attack_when_given():
         "dhbe sig all-to-all s0"
 
 
-def _record(tmp_path, victims: list) -> tuple[list[dict], list]:
+def _record(tmp_path, store: str, victims: list) -> tuple[list[dict], list]:
     """Start and end (as failed: no metrics needed) one trial per victim through StudyRecorder;
     the results.csv rows and the MLflow runs."""
     from mlflow.tracking import MlflowClient
 
     spec = parse_spec(_spec(victims))
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(store)
     experiment = client.create_experiment("axis")
     parent = client.create_run(experiment).info.run_id
     packed = {i: {"spec": v.to_dict(), "victim_id": f"v{i}"} for i, v in enumerate(spec.victims)}
@@ -194,11 +194,11 @@ def _record(tmp_path, victims: list) -> tuple[list[dict], list]:
         return list(csv.DictReader(f)), runs
 
 
-def test_results_and_runs_carry_the_attack_label(tmp_path):
+def test_results_and_runs_carry_the_attack_label(tmp_path, mlflow_store):
     """Needs VictimSpec.target_mode."""
     attacks = ["blend", {"attack": "blend", "target_mode": "all_to_all"},
                {"attack": "badnets", "attack_params": {"trigger_size": 2}}]
-    rows, runs = _record(tmp_path, [{**VICTIM, "attacks": attacks}])
+    rows, runs = _record(tmp_path, mlflow_store(), [{**VICTIM, "attacks": attacks}])
     assert [r["attack"] for r in rows] == ["blend", "blend all-to-all", "badnets"]
     assert [r["trigger_size"] for r in rows] == ["", "", "2"]
     assert [r.data.tags["attack"] for r in runs] == ["blend", "blend all-to-all", "badnets"]
@@ -206,9 +206,9 @@ def test_results_and_runs_carry_the_attack_label(tmp_path):
                                                "ft badnets lr=0.01 2% s0"]
 
 
-def test_run_names_leave_the_attack_out_when_the_study_has_one(tmp_path):
+def test_run_names_leave_the_attack_out_when_the_study_has_one(tmp_path, mlflow_store):
     attacks = [{"attack": "badnets", "attack_params": {"trigger_size": k}} for k in (2, 4)]
-    rows, runs = _record(tmp_path, [{**VICTIM, "attacks": attacks}])
+    rows, runs = _record(tmp_path, mlflow_store(), [{**VICTIM, "attacks": attacks}])
     assert [r["attack"] for r in rows] == ["badnets", "badnets"] and [r["trigger_size"] for r in rows] == ["2", "4"]
     assert [r.info.run_name for r in runs] == ["ft lr=0.01 2% s0", "ft lr=0.01 2% s0"]
 

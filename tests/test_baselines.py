@@ -164,7 +164,7 @@ def test_anomaly_index_flags_the_small_outlier():
 
 
 def test_nc_reversed_mask_overlaps_the_true_trigger(resnet_victim):
-    """On a ResNet-18 victim the reversed mask concentrates on the 3x3 corner patch. (The
+    """On a ResNet-18-shaped victim the reversed mask concentrates on the 3x3 corner patch. (The
     small_cnn victim's reversed trigger sits on the right border instead, off the patch.)"""
     v = resnet_victim
     data = clean_subset(v.splits, shots=5, seed=0)

@@ -21,11 +21,13 @@ BLOCK = ("import sys, runpy; [sys.modules.__setitem__(m, None) for m in ('ray', 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """The whole tiny preset, once, in a process where Ray, MLflow and Optuna cannot be imported."""
+    """The whole tiny preset at half its schedules (`--schedule-scale 0.5`: 2-epoch victims), once,
+    in a process where Ray, MLflow and Optuna cannot be imported."""
     d = tmp_path_factory.mktemp("fidelity")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "BACKDOOR_CACHE": str(d / "cache")}
-    proc = subprocess.run([sys.executable, "-c", BLOCK, "--preset", "tiny", "--out", str(d / "fid"), "--mlflow-uri",
-                           f"sqlite:///{d / 'm.db'}"], cwd=d, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", BLOCK, "--preset", "tiny", "--schedule-scale", "0.5", "--out",
+                           str(d / "fid"), "--mlflow-uri", f"sqlite:///{d / 'm.db'}"],
+                          cwd=d, env=env, capture_output=True, text=True, timeout=300)
     return d, proc
 
 
@@ -35,7 +37,7 @@ def test_tiny_preset_writes_every_row_without_ray_mlflow_optuna(tiny):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "MLflow is not installed" in proc.stdout
     state = json.loads((out / "fidelity.json").read_text())
-    assert set(state["rows"]) == set(ROWS) and state["preset"] == "tiny" and state["schedule_scale"] == 1
+    assert set(state["rows"]) == set(ROWS) and state["preset"] == "tiny" and state["schedule_scale"] == 0.5
     for row_id, rec in state["rows"].items():
         assert rec["verdict"] in ("reproduced", "not reproduced"), row_id
         if ROWS[row_id].defense is not None:
@@ -49,11 +51,12 @@ def test_tiny_preset_writes_every_row_without_ray_mlflow_optuna(tiny):
     assert "| DHBE Table 3 | dhbe |" in md and "## Amplified triggers" in md and "compared, not accuracies" in md
 
 
-def test_resume_skips_recorded_rows_and_reruns_failed_ones(tiny, tmp_path, capsys, monkeypatch):
+def test_resume_skips_recorded_rows_and_reruns_failed_ones(tiny, tmp_path, capsys, monkeypatch, mlflow_store):
     """On a copy of the tiny run with one row taken out: recorded rows are skipped, a failing row is
     recorded as failed (exit 1) without touching the others, and the next run completes it."""
     d, proc = tiny
     assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)   # MLflow's default artifact root (./mlruns) lands here, not in the checkout
     monkeypatch.setenv("BACKDOOR_CACHE", str(d / "cache"))  # the victims trained by the tiny run
     shutil.copytree(d / "fid", tmp_path / "fid")
     path, out = tmp_path / "fid" / "fidelity.json", str(tmp_path / "fid")
@@ -72,7 +75,7 @@ def test_resume_skips_recorded_rows_and_reruns_failed_ones(tiny, tmp_path, capsy
         return real(victim, defense, *a, **k)
     monkeypatch.setattr(run, "run_defense", flaky)
     capsys.readouterr()
-    assert main(["--preset", "tiny", "--rows", "ft-badnets-3x3,nft-badnets", "--out", out]) == 1
+    assert main(["--preset", "tiny", "--schedule-scale", "0.5", "--rows", "ft-badnets-3x3,nft-badnets", "--out", out]) == 1
     log = capsys.readouterr().out
     assert "row ft-badnets-3x3: already in" in log and "row nft-badnets: FAILED" in log
     state = json.loads(path.read_text())
@@ -81,8 +84,9 @@ def test_resume_skips_recorded_rows_and_reruns_failed_ones(tiny, tmp_path, capsy
     assert "failed (RuntimeError: out of memory (simulated))" in (tmp_path / "fid" / "fidelity.md").read_text()
 
     monkeypatch.setattr(run, "run_defense", real)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert main(["--preset", "tiny", "--rows", "nft-badnets", "ft-badnets-3x3", "--out", out, "--mlflow-uri", uri]) == 0
+    uri = mlflow_store()
+    assert main(["--preset", "tiny", "--schedule-scale", "0.5", "--rows", "nft-badnets", "ft-badnets-3x3", "--out", out,
+                 "--mlflow-uri", uri]) == 0
     state = json.loads(path.read_text())
     assert state["rows"]["ft-badnets-3x3"] == first and "nft-badnets" in state["rows"] and not state["failed"]
     assert "nft-badnets: failed" not in (tmp_path / "fid" / "fidelity.md").read_text()

@@ -69,8 +69,8 @@ def _spec(experiment="tiny-ui"):
 
 
 @pytest.fixture
-def store(tmp_path):
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+def store(mlflow_store):
+    return mlflow_store()
 
 
 def test_start_tracking_creates_a_tagged_experiment(tmp_path, store):

@@ -22,6 +22,18 @@ def test_resnet18_has_cifar_stem():
     assert sum(isinstance(mod, torch.nn.BatchNorm2d) for mod in m.modules()) == 20  # stem + 19 in blocks
 
 
+@pytest.mark.parametrize("builder", ["resnet18", "preact_resnet18"])
+def test_a_narrow_resnet_has_the_same_layers_at_a_fraction_of_the_channels(builder):
+    """What the tests' width-8 victims stand on: the layer layout is the paper model's."""
+    from backdoor import models
+
+    full, narrow = (getattr(models, builder)(10, 3, width=w) for w in (64, 8))
+    assert [n for n, _ in full.named_modules()] == [n for n, _ in narrow.named_modules()]
+    assert (full.conv1.out_channels, narrow.conv1.out_channels) == (64, 8)
+    assert (full.linear.in_features, narrow.linear.in_features) == (512, 64)
+    assert narrow.eval()(torch.rand(2, 3, 16, 16)).shape == (2, 10)
+
+
 def test_normalisation_is_first_layer():
     m = build_model("small_cnn", 10, 1, [0.3], [0.2]).eval()
     x = torch.rand(4, 1, 16, 16)

@@ -2,40 +2,39 @@
 identical per-trial metrics, a weakened defence that is caught, and the refusals (baseline of
 another spec, missing baseline)."""
 import json
-import os
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from study.regression import MEASURES, apply_overrides, compare, spec_hash
+from helpers import run_cli
+from study.regression import MEASURES, apply_overrides, compare, main, spec_hash
 from study.spec import SpecError
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = {"name": "reg", "victims": [{"dataset": "digits", "model": "small_cnn"}],
         "defenses": [{"name": "ft", "config": {"epochs": 4, "samples_per_epoch": 512, "milestones": [3]},
                       "sweep": {"lr": [0.01, 0.02]}}],
-        "clean": {"fractions": [0.07], "subset_seeds": [0]}, "resources": {"cpu": 1}}
+        "clean": {"fractions": [0.07], "subset_seeds": [0]}, "resources": {"cpu": 1}, "max_concurrent": 1}
 
 
-def _run(cwd: Path, *args) -> subprocess.CompletedProcess:
-    """One regression run; every run of the module shares one victim cache (cwd/../cache)."""
-    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "PYTHONPATH": str(ROOT),
-           "BACKDOOR_CACHE": str(cwd.parent / "cache")}
-    return subprocess.run([sys.executable, "-m", "study.regression", *args, "--mlflow-uri",
-                           f"sqlite:///{cwd / 'mlflow.db'}"], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+def _run(cwd: Path, *args, cache: Path | None = None) -> tuple[int, str, str]:
+    """One regression run (`python -m study.regression ARGS`) in this process, on the session's
+    Ray when a study runs, victims from `cache`: (exit code, stdout, stderr)."""
+    return run_cli(main, *args, "--mlflow-uri", f"sqlite:///{cwd / 'mlflow.db'}",
+                   *(("--cache-dir", cache) if cache else ()), cwd=cwd)
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
+def baseline(tmp_path_factory, ray_runtime, _empty_mlflow_store):
     d = tmp_path_factory.mktemp("reg")
     (d / "spec.yaml").write_text(yaml.safe_dump(SPEC))
-    proc = _run(d, "--config", str(d / "spec.yaml"), "--baseline", str(d / "base.json"), "--update-baseline",
-                "--out", str(d / "run0"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    shutil.copyfile(_empty_mlflow_store, d / "mlflow.db")   # the module's runs share one store
+    rc, out, err = _run(d, "--config", d / "spec.yaml", "--baseline", d / "base.json", "--update-baseline",
+                        "--out", d / "run0", cache=ray_runtime)
+    assert rc == 0, out[-3000:] + err[-3000:]
+    assert "(cache)" in out   # the session's default victim
     return d
 
 
@@ -50,10 +49,10 @@ def test_baseline_is_made_by_the_tool_and_records_its_origin(baseline):
 
 
 @pytest.mark.slow
-def test_unchanged_rerun_passes_with_identical_trials(baseline):
-    proc = _run(baseline, "--config", str(baseline / "spec.yaml"), "--baseline", str(baseline / "base.json"),
-                "--out", str(baseline / "run1"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_unchanged_rerun_passes_with_identical_trials(baseline, ray_runtime):
+    rc, out, err = _run(baseline, "--config", baseline / "spec.yaml", "--baseline", baseline / "base.json",
+                        "--out", baseline / "run1", cache=ray_runtime)
+    assert rc == 0, out[-3000:] + err[-3000:]
     result = json.loads((baseline / "run1" / "regression.json").read_text())
     assert result["verdict"] == "pass" and all(r["verdict"] == "ok" for r in result["rows"])
     assert result["max_trial_delta"] == {"acc": 0.0, "asr": 0.0, "compared": 2}    # identical trials on CPU
@@ -65,12 +64,12 @@ def test_unchanged_rerun_passes_with_identical_trials(baseline):
 
 
 @pytest.mark.slow
-def test_a_baseline_with_a_spread_records_it_and_sets_tolerances_per_defence(baseline):
+def test_a_baseline_with_a_spread_records_it_and_sets_tolerances_per_defence(baseline, ray_runtime):
     assert (baseline / "run1" / "results.csv").exists(), "runs after test_unchanged_rerun_passes_with_identical_trials"
-    proc = _run(baseline, "--config", str(baseline / "spec.yaml"), "--baseline", str(baseline / "spread.json"),
-                "--update-baseline", "--spread", str(baseline / "run1"), "--spread-note", "same machine",
-                "--out", str(baseline / "run-spread"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rc, out, err = _run(baseline, "--config", baseline / "spec.yaml", "--baseline", baseline / "spread.json",
+                        "--update-baseline", "--spread", baseline / "run1", "--spread-note", "same machine",
+                        "--out", baseline / "run-spread", cache=ray_runtime)
+    assert rc == 0, out[-3000:] + err[-3000:]
     base = json.loads((baseline / "spread.json").read_text())
     assert base["spread"]["note"] == "same machine" and base["spread"]["runs"] == [str(baseline / "run1")]
     assert base["spread"]["per_trial"] == {"compared": 2, "moved": 0, "max_acc": 0.0, "max_asr": 0.0,
@@ -79,10 +78,10 @@ def test_a_baseline_with_a_spread_records_it_and_sets_tolerances_per_defence(bas
 
 
 @pytest.mark.slow
-def test_a_weakened_defence_is_caught_and_named(baseline):
-    proc = _run(baseline, "--config", str(baseline / "spec.yaml"), "--baseline", str(baseline / "base.json"),
-                "--out", str(baseline / "run2"), "--set", "ft.lr=0.0002")
-    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_a_weakened_defence_is_caught_and_named(baseline, ray_runtime):
+    rc, out, err = _run(baseline, "--config", baseline / "spec.yaml", "--baseline", baseline / "base.json",
+                        "--out", baseline / "run2", "--set", "ft.lr=0.0002", cache=ray_runtime)
+    assert rc == 1, out[-3000:] + err[-3000:]
     report = (baseline / "run2" / "regression.md").read_text()
     assert "REGRESSION" in report and "| ft | mean_asr |" in report and "**regression**" in report
     rows = json.loads((baseline / "run2" / "regression.json").read_text())["rows"]
@@ -96,18 +95,18 @@ def test_a_weakened_defence_is_caught_and_named(baseline):
 def test_a_baseline_from_another_spec_is_refused(baseline, tmp_path):
     other = {**SPEC, "defenses": [{**SPEC["defenses"][0], "sweep": {"lr": [0.01]}}]}
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
-    proc = _run(tmp_path, "--config", str(tmp_path / "other.yaml"), "--baseline", str(baseline / "base.json"),
-                "--out", str(tmp_path / "o"))
-    assert proc.returncode == 2 and "not comparable" in proc.stderr
+    rc, _, err = _run(tmp_path, "--config", tmp_path / "other.yaml", "--baseline", baseline / "base.json",
+                      "--out", tmp_path / "o")
+    assert rc == 2 and "not comparable" in err
     assert not (tmp_path / "o").exists()                 # refused before anything ran
 
 
 def test_a_missing_baseline_is_a_clear_error(tmp_path):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(SPEC))
-    proc = _run(tmp_path, "--config", str(tmp_path / "spec.yaml"), "--baseline", str(tmp_path / "nope.json"))
-    assert proc.returncode == 2 and "nope.json does not exist; make it with --update-baseline" in proc.stderr
-    proc = _run(tmp_path, "--config", str(tmp_path / "spec.yaml"))
-    assert proc.returncode == 2 and "--baseline: a --config study needs an explicit baseline file" in proc.stderr
+    rc, _, err = _run(tmp_path, "--config", tmp_path / "spec.yaml", "--baseline", tmp_path / "nope.json")
+    assert rc == 2 and "nope.json does not exist; make it with --update-baseline" in err
+    rc, _, err = _run(tmp_path, "--config", tmp_path / "spec.yaml")
+    assert rc == 2 and "--baseline: a --config study needs an explicit baseline file" in err
 
 
 def test_the_committed_quick_baseline_matches_the_quick_preset():

@@ -15,37 +15,38 @@ import hashlib, json, sys, torch
 from backdoor.determinism import mkl_mode
 from backdoor.purify import run_defense
 from backdoor.victims import VictimSpec, get_or_train
-torch.set_num_threads(int(sys.argv[2]))
-victim = get_or_train(VictimSpec(epochs=3), sys.argv[1], device="cpu", log=lambda m: None)
-h = hashlib.sha256()
-for name, t in victim.model.state_dict().items():
-    h.update(name.encode() + t.detach().contiguous().numpy().tobytes())
-out = run_defense(victim, "ft", {"lr": 0.1, "epochs": 2, "samples_per_epoch": 256, "milestones": [1]},
-                  clean_fraction=0.07, shots=None, subset_seed=0, seed=0, log=lambda m: None)
-print(json.dumps({"cached": victim.from_cache, "threads": torch.get_num_threads(), "mkl": mkl_mode(),
-                  "weights": h.hexdigest(), "after": out["after"], "diagnostics": out["diagnostics"]}))
+torch.set_num_threads(int(sys.argv[1]))
+for cache in sys.argv[2:]:   # one line per cache: its victim (loaded, or trained into it) and the same trial
+    victim = get_or_train(VictimSpec(epochs=3), cache, device="cpu", log=lambda m: None)
+    h = hashlib.sha256()
+    for name, t in victim.model.state_dict().items():
+        h.update(name.encode() + t.detach().contiguous().numpy().tobytes())
+    out = run_defense(victim, "ft", {"lr": 0.1, "epochs": 2, "samples_per_epoch": 256, "milestones": [1]},
+                      clean_fraction=0.07, shots=None, subset_seed=0, seed=0, log=lambda m: None)
+    print(json.dumps({"cached": victim.from_cache, "threads": torch.get_num_threads(), "mkl": mkl_mode(),
+                      "weights": h.hexdigest(), "after": out["after"], "diagnostics": out["diagnostics"]}))
 """
 
 
-def _python(code: str, *args, env: dict | None = None) -> str:
+def _python(code: str, *args, env: dict | None = None, lines: int = 1) -> str | list[str]:
     base = {k: v for k, v in os.environ.items() if k not in ("MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "BACKDOOR_CPU_REPRO")}
     proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300,
                           env={**base, "PYTHONPATH": str(ROOT), **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout.strip().splitlines()[-1]
+    last = proc.stdout.strip().splitlines()[-lines:]
+    return last[0] if lines == 1 else last
 
 
 @pytest.mark.slow
 def test_a_trial_in_session_equals_the_same_trial_on_the_cached_victim_in_a_fresh_process(tmp_path):
     # in session: a driver-like process (2 threads) trains the victim and runs the trial at once
-    fresh = json.loads(_python(RUN, tmp_path / "cache", 2))
-    # later: a Ray-trial-like process (1 thread) loads that victim from the cache and runs the same trial
-    cached = json.loads(_python(RUN, tmp_path / "cache", 1))
+    fresh = json.loads(_python(RUN, 2, tmp_path / "cache"))
+    # later: a Ray-trial-like process (1 thread) loads that victim from the cache and runs the same trial;
+    # then, the cause: it trains the victim anew at its own thread count, into another cache
+    cached, other = map(json.loads, _python(RUN, 1, tmp_path / "cache", tmp_path / "other-cache", lines=2))
     assert not fresh["cached"] and cached["cached"] and (fresh["threads"], cached["threads"]) == (2, 1)
     assert cached["weights"] == fresh["weights"]
     assert cached["after"] == fresh["after"] and cached["diagnostics"] == fresh["diagnostics"]
-    # the cause: training the victim at another thread count gives the same bits
-    other = json.loads(_python(RUN, tmp_path / "other-cache", 1))
     assert not other["cached"] and other["weights"] == fresh["weights"] and other["after"] == fresh["after"]
 
 

@@ -1,7 +1,9 @@
 """The study: spec validation, the grid, and real (reduced) studies on local Ray with MLflow:
-failures recorded, child runs = trials, kill-and-resume without duplicates."""
+failures recorded, child runs = trials, kill-and-resume without duplicates (a pack's members
+recorded together, only what is missing run again)."""
 import csv
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -12,19 +14,22 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import run_cli
 from search_spaces import parse_axis
+from study.packs import group_trials
 from study.sensitivity import main
 from study.spec import SpecError, expand_trials, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-VICTIM = {"dataset": "digits", "model": "small_cnn", "epochs": 3}
+VICTIM = {"dataset": "digits", "model": "small_cnn"}   # the default victim: the session trained it once
 TINY_FT = {"epochs": 2, "samples_per_epoch": 64, "milestones": [1]}
 
 
 def _spec(**over):
     spec = {"name": "tiny", "victims": [VICTIM],
             "defenses": [{"name": "ft", "config": TINY_FT, "sweep": {"lr": [0.01, 0.05]}}],
-            "clean": {"fractions": [0.02], "subset_seeds": [0]}, "resources": {"cpu": 1}}
+            "clean": {"fractions": [0.02], "subset_seeds": [0]}, "resources": {"cpu": 1},
+            "max_concurrent": 1}   # one trial actor at a time, reused: half the CPU of two fresh ones
     spec.update(over)
     return spec
 
@@ -35,10 +40,12 @@ def _write(tmp_path, spec) -> Path:
     return path
 
 
-def _run(tmp_path, *args, timeout=240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "study.sensitivity", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def _run(tmp_path, cache: Path, *args) -> tuple[int, str]:
+    """`python -m study.sensitivity ARGS --cache-dir CACHE` run in this process on the session's
+    Ray (the caller holds the `ray_runtime` fixture, which gives CACHE): (exit code, stdout +
+    stderr)."""
+    rc, out, err = run_cli(main, *args, "--cache-dir", cache, cwd=tmp_path)
+    return rc, out + err
 
 
 def _rows(out: Path) -> list[dict]:
@@ -56,16 +63,18 @@ def _child_runs(db: Path) -> list[tuple]:
         con.close()
 
 
-def _start_and_kill(tmp_path, path: Path, out: Path, db: Path, rows: int) -> list[dict]:
-    """Start a study, kill its driver and everything it started once `rows` trials are recorded
-    (or after 180 s); return the rows recorded by then."""
+def _start_and_kill(tmp_path, path: Path, out: Path, db: Path, rows: int, cache: Path, address: str) -> list[dict]:
+    """Start a study as its own process joining the running Ray at `address` (as a driver on a
+    cluster does), SIGKILL it once `rows` trials are recorded (or after 180 s); return the rows
+    recorded by then. Ray stays up and ends the dead driver's trials. Victims from `cache`."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     driver = subprocess.Popen([sys.executable, "-m", "study.sensitivity", "--config", str(path), "--out", str(out),
-                               "--mlflow-uri", f"sqlite:///{db}"], cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                               "--mlflow-uri", f"sqlite:///{db}", "--cache-dir", str(cache), "--address", address],
+                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
     deadline = time.time() + 180
     while time.time() < deadline and (not (out / "results.csv").exists() or len(_rows(out)) < rows):
-        time.sleep(0.2)
+        time.sleep(0.1)
     os.killpg(driver.pid, signal.SIGKILL)  # mid-study
     driver.wait()
     return _rows(out)
@@ -180,39 +189,58 @@ def test_presets_are_valid_and_quick_has_what_the_quickstart_promises():
 
 # --- real studies on local Ray -----------------------------------------------------------------
 
+# One grid study serves the tests below: FT (one lr diverges) and NC (one target does not exist),
+# at two clean budgets; run as it is here, and packed in test_study_packing.
+GRID = _spec(defenses=[{"name": "ft", "config": TINY_FT, "sweep": {"lr": [0.01, 0.05, 1e30]}},
+                       {"name": "nc", "config": {**TINY_FT, "reverse_epochs": 1, "reverse_steps_per_epoch": 1},
+                        "sweep": {"target": [0, 99]}}],    # class 99 does not exist: those trials fail
+             clean={"fractions": [0.02, 0.05], "subset_seeds": [0]})
+
+
+@pytest.fixture(scope="module")
+def grid_study(tmp_path_factory, ray_runtime, _empty_mlflow_store):
+    """GRID run unpacked (`--pack 1`): (out, MLflow db, exit code, what it printed)."""
+    d = tmp_path_factory.mktemp("grid")
+    path, out, db = _write(d, GRID), d / "out", d / "mlflow.db"
+    shutil.copyfile(_empty_mlflow_store, db)
+    rc, printed = _run(d, ray_runtime, "--config", path, "--out", out, "--mlflow-uri", f"sqlite:///{db}",
+                       "--pack", "1")
+    return out, db, rc, printed
+
+
 @pytest.mark.slow
-def test_reduced_study_records_every_trial_and_a_failing_one_does_not_stop_it(tmp_path):
-    spec = _spec(defenses=[{"name": "ft", "config": TINY_FT, "sweep": {"lr": [0.01, 0.05]}},
-                           {"name": "nc", "config": {**TINY_FT, "reverse_epochs": 1, "reverse_steps_per_epoch": 1},
-                            "sweep": {"target": [0, 99]}}])   # class 99 does not exist: that trial fails
-    path = _write(tmp_path, spec)
-    out, db = tmp_path / "out", tmp_path / "mlflow.db"
-    proc = _run(tmp_path, "--config", str(path), "--out", str(out), "--mlflow-uri", f"sqlite:///{db}")
-    assert proc.returncode == 1, proc.stdout + proc.stderr  # some failed
+def test_reduced_study_records_every_trial_and_failing_ones_do_not_stop_it(grid_study):
+    out, db, rc, printed = grid_study
+    assert rc == 1, printed  # some failed
+    assert "(cache)" in printed   # the session's default victim
     rows = _rows(out)
-    assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4
+    assert len(rows) == 10 and len({r["trial_id"] for r in rows}) == 10
     failed = [r for r in rows if r["status"] == "failed"]
-    assert len(failed) == 1 and "target" in failed[0]["error"] and failed[0]["defense"] == "nc"
+    assert sorted((r["defense"], r["clean_fraction"]) for r in failed) == \
+        [("ft", "0.02"), ("ft", "0.05"), ("nc", "0.02"), ("nc", "0.05")]
+    assert all("target" in r["error"] for r in failed if r["defense"] == "nc")
+    assert all(r["lr"] == "1e+30" and "became nan" in r["error"] for r in failed if r["defense"] == "ft")
     ok = [r for r in rows if r["status"] == "finished"]
     assert all(0 <= float(r["acc"]) <= 100 and r["victim_id"].startswith("digits-small_cnn") for r in ok)
-    assert {r["lr"] for r in rows if r["defense"] == "ft"} == {"0.01", "0.05"}
+    assert {r["lr"] for r in rows if r["defense"] == "ft"} == {"0.01", "0.05", "1e+30"}
     children = _child_runs(db)
-    assert len(children) == 4 and {c[2] for c in children} == {r["trial_id"] for r in rows}
-    assert sorted(c[1] for c in children) == ["FAILED", "FINISHED", "FINISHED", "FINISHED"]
+    assert len(children) == 10 and {c[2] for c in children} == {r["trial_id"] for r in rows}
+    assert sorted(c[1] for c in children) == ["FAILED"] * 4 + ["FINISHED"] * 6
     con = sqlite3.connect(db)
     steps = con.execute("select count(distinct step) from metrics where key = 'acc'").fetchone()[0]
     params = con.execute("select count(*) from params where key = 'momentum'").fetchone()[0]
     con.close()
-    assert steps == 2 and params == 4  # per-epoch metrics with steps; every hyperparameter as a param
-    assert (out / "study.yaml").exists() and "[  4/4]" in proc.stdout
-    # per-epoch rows of the finished trials, then the analysis, logged to the parent run
+    assert steps == 2 and params == 10  # per-epoch metrics with steps; every hyperparameter as a param
+    assert (out / "study.yaml").exists() and "[ 10/10]" in printed
+    # per-epoch rows of the trials that ran epochs, then the analysis, logged to the parent run
     with open(out / "epochs.csv", newline="") as f:
         epochs = list(csv.DictReader(f))
-    assert sorted({e["trial_id"] for e in epochs}) == sorted(r["trial_id"] for r in ok)
-    assert len(epochs) == 2 * len(ok) and {e["epoch"] for e in epochs} == {"1", "2"}
+    per_trial = {t: sorted(e["epoch"] for e in epochs if e["trial_id"] == t) for t in {e["trial_id"] for e in epochs}}
+    assert all(per_trial[r["trial_id"]] == ["1", "2"] for r in ok)
+    assert not {r["trial_id"] for r in failed if r["defense"] == "nc"} & set(per_trial)   # failed before epoch 1
     assert {"fits.json", "report.md"} <= {p.name for p in out.iterdir()}
     assert (out / "plots" / "tradeoff.png").exists() and (out / "plots" / "trajectories.png").exists()
-    assert "analysis: wrote fits.json, report.md" in proc.stdout
+    assert "analysis: wrote fits.json, report.md" in printed
     from mlflow.tracking import MlflowClient
     client = MlflowClient(f"sqlite:///{db}")
     (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
@@ -223,15 +251,68 @@ def test_reduced_study_records_every_trial_and_a_failing_one_does_not_stop_it(tm
 
 
 @pytest.mark.slow
-def test_killed_study_resumes_without_duplicate_rows_or_runs(tmp_path):
+def test_a_packed_study_records_each_member_as_its_unpacked_study_does(tmp_path, grid_study, ray_runtime,
+                                                                        mlflow_store):
+    """GRID with `pack: 8`: the six FT trials run as one pack (NC cannot be packed: alone), and
+    every member keeps its own row, MLflow run and epochs, with the unpacked study's numbers."""
+    path = _write(tmp_path, {**GRID, "pack": 8})
+    packed, db = tmp_path / "packed", tmp_path / "mlflow.db"
+    rc, printed = _run(tmp_path, ray_runtime, "--config", path, "--out", packed, "--mlflow-uri", mlflow_store(db))
+    assert rc == 1, printed   # the lr 1e30 members diverge, the target-99 NC trials fail
+    assert "6 trials in 1 pack(s)" in printed
+    rows = {r["trial_id"]: r for r in _rows(packed)}
+    ft = {t: r for t, r in rows.items() if r["defense"] == "ft"}
+    assert len(rows) == 10 and {r["pack_size"] for r in ft.values()} == {"6"}
+    failed = [r for r in ft.values() if r["status"] == "failed"]
+    assert len(failed) == 2 and all(r["lr"] == "1e+30" and "became nan" in r["error"] for r in failed)
+    # one MLflow child run per member, failed ones FAILED; per-epoch metrics per finished member
+    children = {c[2]: c[1] for c in _child_runs(db)}
+    assert sorted(children) == sorted(rows)
+    assert sorted(children[t] for t in ft) == ["FAILED"] * 2 + ["FINISHED"] * 4
+    epochs = _epochs(packed)
+    finished = {t for t, r in ft.items() if r["status"] == "finished"}
+    assert finished <= {e[0] for e in epochs} and sum(e[0] in finished for e in epochs) == 2 * len(finished)
+    # the same study unpacked: the same numbers, trial by trial
+    alone_out, _, _, alone_printed = grid_study
+    assert "pack(s)" not in alone_printed
+    alone = {r["trial_id"]: r for r in _rows(alone_out)}
+    assert alone.keys() == rows.keys()
+    for tid, r in alone.items():
+        assert r["pack_size"] == ""
+        for col in ("status", "acc", "asr", "asr_eq9", "ra", "acc_before", "clean_images"):
+            assert rows[tid][col] == r[col], (tid, col)
+    assert sorted(_epochs(alone_out)) == sorted(epochs)  # per-epoch ACC / ASR too (a diverged one's first epoch)
+
+
+def _epochs(out) -> list[tuple]:
+    with open(out / "epochs.csv", newline="") as f:
+        return [(e["trial_id"], e["epoch"], e["acc"], e["asr"], e["weight_drift"]) for e in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_a_killed_study_resumes_only_what_is_missing_without_duplicate_rows_or_runs(tmp_path, ray_cluster,
+                                                                                   ray_runtime, mlflow_store):
+    """A study of packs (FT, two trials each) and single trials (CLP), its driver killed mid-study: a pack's
+    members are recorded together or not at all; the resume runs only the trials not recorded,
+    rewrites nothing recorded, and leaves one FINISHED MLflow run per trial."""
     spec = _spec(defenses=[{"name": "ft", "config": {**TINY_FT, "epochs": 3, "samples_per_epoch": 512},
-                            "sweep": {"lr": [0.005, 0.01, 0.02, 0.04, 0.08, 0.16]}}])
+                            "sweep": {"lr": [0.005, 0.01, 0.02, 0.04]}},
+                           {"name": "clp", "sweep": {"u": [2.0, 3.0]}}], pack=2)
     path = _write(tmp_path, spec)
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
-    before = _start_and_kill(tmp_path, path, out, db, rows=2)
-    assert 2 <= len(before) < 6, "the study should have been stopped part-way"
-    proc = _run(tmp_path, "--resume", str(out))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    mlflow_store(db)
+    before = _start_and_kill(tmp_path, path, out, db, rows=2, cache=ray_runtime, address=ray_cluster.address)
+    if len(before) >= 6:
+        pytest.skip("the study finished before it could be killed")
+    assert len(before) >= 2, "the study should have recorded two trials before it was killed"
+    recorded = {r["trial_id"] for r in before}
+    units = group_trials(expand_trials(parse_spec(spec)), 2)
+    packs = [{t["trial_id"] for t in u["pack"]} for u in units if "pack" in u]
+    assert len(packs) == 2 and len(units) == 4
+    assert all(p <= recorded or not p & recorded for p in packs), "a pack was recorded in part"
+    rc, printed = _run(tmp_path, ray_runtime, "--resume", out)
+    assert rc == 0, printed
+    assert f"running {6 - len(before)} of 6 trials" in printed
     rows = _rows(out)
     assert len(rows) == 6 and len({r["trial_id"] for r in rows}) == 6
     assert rows[: len(before)] == before  # nothing recorded was rewritten
@@ -241,16 +322,16 @@ def test_killed_study_resumes_without_duplicate_rows_or_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_optuna_search_runs_the_space_and_keeps_history_and_pareto_front(tmp_path):
+def test_optuna_search_runs_the_space_and_keeps_history_and_pareto_front(tmp_path, ray_runtime, mlflow_store):
     import optuna
 
     spec = _spec(defenses=[{"name": "ft", "config": TINY_FT, "sweep": {"lr": {"log": [0.001, 0.1, 3]}}}],
                  clean={"fractions": [0.02, 0.07], "subset_seeds": [0, 1]})
     path = _write(tmp_path, spec)
     out = tmp_path / "out"
-    proc = _run(tmp_path, "--config", str(path), "--out", str(out), "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}",
-                "--search", "optuna", "--num-samples", "3")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rc, printed = _run(tmp_path, ray_runtime, "--config", path, "--out", out, "--mlflow-uri", mlflow_store(),
+                       "--search", "optuna", "--num-samples", "3")
+    assert rc == 0, printed
     rows = _rows(out)
     assert len(rows) == 3 and all(0.001 <= float(r["lr"]) <= 0.1 for r in rows)
     study = optuna.load_study(study_name="tiny-v0-d0-ft", storage=f"sqlite:///{out / 'optuna.db'}")
@@ -258,7 +339,7 @@ def test_optuna_search_runs_the_space_and_keeps_history_and_pareto_front(tmp_pat
     with open(out / "pareto.csv", newline="") as f:
         front = list(csv.DictReader(f))
     assert front and {r["trial_id"] for r in front} <= {r["trial_id"] for r in rows}
-    assert "pareto ft" in proc.stdout
+    assert "pareto ft" in printed
 
 
 # --- clean failures: exit 2 naming the file or field, no traceback -------------------------------
