@@ -1,6 +1,6 @@
 """CPU arithmetic that does not depend on the thread count: a trial is a function of its inputs.
 
-Cause (issue 19, measured): MKL's single-precision GEMM splits its reductions by the number of
+Cause (measured): MKL's single-precision GEMM splits its reductions by the number of
 threads. A linear layer's weight gradient therefore differs in the last bit between 1 and 2
 threads, and over a training run those bits grow into different models. A victim trained
 in a Ray task (1 thread) and the same spec trained in a driver (all cores) get the same

@@ -4,7 +4,7 @@
     python benchmarks/analysis_speed.py --trials 2000 --bootstrap 500
 
 Prints the time of each stage and the total; the target is <= 15 s for 10,000 trials on a
-2-core CPU, bootstrap included (issue 6).
+2-core CPU, bootstrap included.
 """
 from __future__ import annotations
 

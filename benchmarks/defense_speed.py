@@ -18,8 +18,8 @@ longer schedule, and divides the difference in wall time by the difference in st
 set-up (copies, mask attachment, generator construction) is not counted per step; it is
 printed separately. Random weights and images: speed does not depend on them.
 Targets on one H100: NFT full schedule <= 15 s, DHBE full schedule <= 6 min (<= 25 ms per
-iteration; issue 14, the graph path);
-FT, 20 epochs x 2,000 samples plus its final evaluation, <= 5 s (issue 4). The baselines run
+iteration; the graph path);
+FT, 20 epochs x 2,000 samples plus its final evaluation, <= 5 s. The baselines run
 their real schedules, which takes minutes per baseline with ResNet-18 on a CPU.
 """
 from __future__ import annotations

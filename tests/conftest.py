@@ -11,7 +11,7 @@ import torch
 # when they give up, unset an environment variable while another thread may be iterating
 # os.environ (a KeyError in a REST call, seen once in this suite). The tests never need it.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-if os.environ.get("PYTEST_XDIST_WORKER"):   # two workers share the cores: one thread each, no spinning
+if os.environ.get("PYTEST_XDIST_WORKER"):   # the workers share the cores: one thread each, no spinning
     os.environ.setdefault("OMP_NUM_THREADS", "1")   # for the subprocesses the tests start, too
     torch.set_num_threads(1)
 
@@ -147,7 +147,7 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def ray_runtime(ray_cluster, trained_default_victim):
     """Ray for the studies the tests run in this process (`ray.init` and a driver's start cost
-    seconds each time; a study that finds Ray running uses it). Yields the victim cache that
+    seconds each time; a study that finds Ray running uses it). Returns the victim cache that
     `trained_default_victim` trained into: a study given it as `--cache-dir` loads the default
     victim (the same bits at any thread count: `backdoor.determinism`) instead of training it."""
     return trained_default_victim[0]

@@ -1,4 +1,4 @@
-"""SIG, WaNet, Trojan, label-consistent, BPP, and what every attack must do (issue 16)."""
+"""SIG, WaNet, Trojan, label-consistent, BPP, and what every attack must do."""
 import pytest
 import torch
 import torch.nn.functional as F

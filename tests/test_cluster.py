@@ -21,7 +21,7 @@ from study.sensitivity import main
 
 
 ROOT = Path(__file__).resolve().parents[1]
-VICTIM = {"dataset": "digits", "model": "small_cnn"}   # the default victim: the session trained it once
+VICTIM = {"dataset": "digits", "model": "small_cnn"}   # the default victim: trained once per test run
 
 
 def _cluster_yaml() -> dict:

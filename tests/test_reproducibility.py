@@ -1,5 +1,5 @@
 """A trial is a function of (victim weights, data, config, seed): not of the thread count, the
-process, or whether its victim was trained a moment ago or loaded from the cache (issue 19).
+process, or whether its victim was trained a moment ago or loaded from the cache.
 Each run is a fresh process, as a Ray task or a resumed study on another node would be."""
 import json
 import os
@@ -39,7 +39,7 @@ def _python(code: str, *args, env: dict | None = None, lines: int = 1) -> str | 
 
 @pytest.mark.slow
 def test_a_trial_in_session_equals_the_same_trial_on_the_cached_victim_in_a_fresh_process(tmp_path):
-    # in session: a driver-like process (2 threads) trains the victim and runs the trial at once
+    # at once: a driver-like process (2 threads) trains the victim and runs the trial at once
     fresh = json.loads(_python(RUN, 2, tmp_path / "cache"))
     # later: a Ray-trial-like process (1 thread) loads that victim from the cache and runs the same trial;
     # then, the cause: it trains the victim anew at its own thread count, into another cache

@@ -21,7 +21,7 @@ from study.sensitivity import main
 from study.spec import SpecError, expand_trials, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-VICTIM = {"dataset": "digits", "model": "small_cnn"}   # the default victim: the session trained it once
+VICTIM = {"dataset": "digits", "model": "small_cnn"}   # the default victim: trained once per test run
 TINY_FT = {"epochs": 2, "samples_per_epoch": 64, "milestones": [1]}
 
 
