@@ -56,7 +56,7 @@ def _empty_mlflow_store(tmp_path_factory) -> Path:
 @pytest.fixture
 def mlflow_store(_empty_mlflow_store, tmp_path):
     """`mlflow_store(path=tmp_path/"mlflow.db")`: a fresh, empty MLflow sqlite store at `path` (a
-    copy of the session's empty one, so MLflow's migrations run once); returns its URI."""
+    copy of the test run's empty one, so MLflow's migrations run once); returns its URI."""
     def make(path: Path | None = None) -> str:
         path = path or tmp_path / "mlflow.db"
         shutil.copyfile(_empty_mlflow_store, path)
@@ -93,7 +93,7 @@ def digits_victim(trained_default_victim):
 def resnet_victim(tmp_path_factory, digits):
     """A digits BadNets ResNet-18 victim at width 8 (the same layers as the papers' ResNet-18
     at 1/8 of its channels; 8 epochs, ~10 s on 2 CPU cores: ACC ~97%, ASR 100%). Registered
-    as model `resnet18_w8` for the session only."""
+    as model `resnet18_w8` for the test run only."""
     from functools import partial
 
     from backdoor.models import MODELS, resnet18
@@ -110,20 +110,20 @@ def _needs_ray(item) -> bool:
 
 
 def pytest_itemcollected(item):
-    """xdist groups (`--dist loadgroup`): every test that needs the session's Ray in one group
+    """xdist groups (`--dist loadgroup`): every test that needs the test run's Ray in one group
     (one worker runs them all, on one Ray, while the other runs the rest); every other module a
     group of its own, so a module's fixtures are made once."""
     item.add_marker(pytest.mark.xdist_group("ray" if _needs_ray(item) else item.nodeid.split("::")[0]))
 
 
 def pytest_collection_modifyitems(config, items):
-    """The tests that need the session's Ray first: their worker starts on them at once."""
+    """The tests that need the test run's Ray first: their worker starts on them at once."""
     items.sort(key=lambda item: not _needs_ray(item))
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """The session's Ray, connected to this process: a head and one worker node (separate
+    """The test run's Ray, connected to this process: a head and one worker node (separate
     raylets, one CPU each) on this machine, as a small cluster is. A node that is lost is
     declared dead after about 1.5 s (Ray's default health check takes about 15 s). Idle task
     workers are kept (Ray's default kills one a second after it idles beside an actor), so

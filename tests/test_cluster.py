@@ -115,7 +115,7 @@ def _ensure_worker(cluster) -> None:
 
 @pytest.fixture
 def two_nodes(ray_cluster):
-    """The session's Ray head plus one live worker node: a new one if an earlier test removed
+    """The test run's Ray head plus one live worker node: a new one if an earlier test removed
     it; a test that removes it gets another one afterwards."""
     _ensure_worker(ray_cluster)
     (worker,) = ray_cluster.worker_nodes
@@ -148,7 +148,7 @@ def _server_runs(uri: str, name: str):
 @pytest.mark.slow
 def test_study_runs_trials_on_both_nodes_and_records_them_on_the_mlflow_server(tmp_path, mlflow_server, two_nodes,
                                                                               ray_runtime):
-    """On the session's two-node Ray (a driver process joining a cluster with --address is in
+    """On the test run's two-node Ray (a driver process joining a cluster with --address is in
     test_study's kill test), recording to the MLflow server."""
     (uri, artifacts), (cluster, worker) = mlflow_server, two_nodes
     path = _write_spec(tmp_path, "cluster", {"epochs": 2, "samples_per_epoch": 256, "milestones": [1]},

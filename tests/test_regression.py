@@ -20,7 +20,7 @@ SPEC = {"name": "reg", "victims": [{"dataset": "digits", "model": "small_cnn"}],
 
 
 def _run(cwd: Path, *args, cache: Path | None = None) -> tuple[int, str, str]:
-    """One regression run (`python -m study.regression ARGS`) in this process, on the session's
+    """One regression run (`python -m study.regression ARGS`) in this process, on the test run's
     Ray when a study runs, victims from `cache`: (exit code, stdout, stderr)."""
     return run_cli(main, *args, "--mlflow-uri", f"sqlite:///{cwd / 'mlflow.db'}",
                    *(("--cache-dir", cache) if cache else ()), cwd=cwd)
@@ -34,7 +34,7 @@ def baseline(tmp_path_factory, ray_runtime, _empty_mlflow_store):
     rc, out, err = _run(d, "--config", d / "spec.yaml", "--baseline", d / "base.json", "--update-baseline",
                         "--out", d / "run0", cache=ray_runtime)
     assert rc == 0, out[-3000:] + err[-3000:]
-    assert "(cache)" in out   # the session's default victim
+    assert "(cache)" in out   # the test run's default victim
     return d
 
 

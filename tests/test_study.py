@@ -41,7 +41,7 @@ def _write(tmp_path, spec) -> Path:
 
 
 def _run(tmp_path, cache: Path, *args) -> tuple[int, str]:
-    """`python -m study.sensitivity ARGS --cache-dir CACHE` run in this process on the session's
+    """`python -m study.sensitivity ARGS --cache-dir CACHE` run in this process on the test run's
     Ray (the caller holds the `ray_runtime` fixture, which gives CACHE): (exit code, stdout +
     stderr)."""
     rc, out, err = run_cli(main, *args, "--cache-dir", cache, cwd=tmp_path)
@@ -190,7 +190,7 @@ def test_presets_are_valid_and_quick_has_what_the_quickstart_promises():
 # --- real studies on local Ray -----------------------------------------------------------------
 
 # One grid study serves the tests below: FT (one lr diverges) and NC (one target does not exist),
-# at two clean budgets; run as it is here, and packed in test_study_packing.
+# at two clean budgets; run as it is, and packed (the packed-study test compares the two).
 GRID = _spec(defenses=[{"name": "ft", "config": TINY_FT, "sweep": {"lr": [0.01, 0.05, 1e30]}},
                        {"name": "nc", "config": {**TINY_FT, "reverse_epochs": 1, "reverse_steps_per_epoch": 1},
                         "sweep": {"target": [0, 99]}}],    # class 99 does not exist: those trials fail
@@ -212,7 +212,7 @@ def grid_study(tmp_path_factory, ray_runtime, _empty_mlflow_store):
 def test_reduced_study_records_every_trial_and_failing_ones_do_not_stop_it(grid_study):
     out, db, rc, printed = grid_study
     assert rc == 1, printed  # some failed
-    assert "(cache)" in printed   # the session's default victim
+    assert "(cache)" in printed   # the test run's default victim
     rows = _rows(out)
     assert len(rows) == 10 and len({r["trial_id"] for r in rows}) == 10
     failed = [r for r in rows if r["status"] == "failed"]
