@@ -78,6 +78,8 @@ class _ResNet(nn.Module):
 
     def __init__(self, block, num_blocks, num_classes, in_channels, mean, std, preact, width: int = 64):
         super().__init__()
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width: must be a positive integer, got {width!r}")
         self.normalize = Normalize(mean, std)
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.preact = preact

@@ -32,6 +32,9 @@ def test_a_narrow_resnet_has_the_same_layers_at_a_fraction_of_the_channels(build
     assert (full.conv1.out_channels, narrow.conv1.out_channels) == (64, 8)
     assert (full.linear.in_features, narrow.linear.in_features) == (512, 64)
     assert narrow.eval()(torch.rand(2, 3, 16, 16)).shape == (2, 10)
+    for bad in (0, -8, 2.5):
+        with pytest.raises(ValueError, match="width: must be a positive integer"):
+            getattr(models, builder)(10, 3, width=bad)
 
 
 def test_normalisation_is_first_layer():
