@@ -5,7 +5,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 # MLflow's usage telemetry runs background threads that reach for the network (closed here) and,
 # when they give up, unset an environment variable while another thread may be iterating
@@ -13,9 +12,11 @@ import torch
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 if os.environ.get("PYTEST_XDIST_WORKER"):   # the workers share the cores: one thread each, no spinning
     os.environ.setdefault("OMP_NUM_THREADS", "1")   # for the subprocesses the tests start, too
-    torch.set_num_threads(1)
+    import torch
 
-from backdoor.data import load_dataset
+    torch.set_num_threads(1)
+# (torch is imported by the tests, not here: the xdist controller, which runs no test, starts its
+# workers seconds sooner without it)
 
 
 @pytest.fixture(autouse=True)
@@ -26,6 +27,8 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def digits():
+    from backdoor.data import load_dataset
+
     return load_dataset("digits")
 
 
@@ -67,6 +70,8 @@ def mlflow_store(_empty_mlflow_store, tmp_path):
 
 @pytest.fixture
 def cpu():
+    import torch
+
     return torch.device("cpu")
 
 
@@ -109,16 +114,39 @@ def _needs_ray(item) -> bool:
     return "ray_cluster" in getattr(item, "fixturenames", ())
 
 
+def _needs_victim(item) -> bool:
+    return "trained_default_victim" in getattr(item, "fixturenames", ())
+
+
+def _shares_module_fixture(item) -> bool:
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", None)
+    if defs is None:   # not a plain test function: keep its module together
+        return True
+    return any(d.scope in ("module", "class", "package") for fds in defs.values() for d in fds)
+
+
 def pytest_itemcollected(item):
     """xdist groups (`--dist loadgroup`): every test that needs the test run's Ray in one group
-    (one worker runs them all, on one Ray, while the other runs the rest); every other module a
-    group of its own, so a module's fixtures are made once."""
-    item.add_marker(pytest.mark.xdist_group("ray" if _needs_ray(item) else item.nodeid.split("::")[0]))
+    (one worker runs them all, on one Ray, while the other runs the rest); the tests of a module
+    that use a module-scoped fixture one group, so it is made once; every other test a group of
+    its own, so the workers share the tests out evenly to the end."""
+    if _needs_ray(item):
+        group = "ray"
+    elif _shares_module_fixture(item):
+        group = item.nodeid.split("::")[0]
+    else:
+        group = item.nodeid
+    item.add_marker(pytest.mark.xdist_group(group))
 
 
+@pytest.hookimpl(trylast=True)   # after `-m` / `-k` have deselected
 def pytest_collection_modifyitems(config, items):
-    """The tests that need the test run's Ray first: their worker starts on them at once."""
-    items.sort(key=lambda item: not _needs_ray(item))
+    """The order the xdist workers take the tests in. The tests that need the test run's Ray
+    first: their worker starts on them at once (and trains the default victim for them). Without
+    them, one test that needs the default victim first. The other tests that need it come last,
+    so while the victim trains the other worker has other tests to run, not a lock to wait on."""
+    first = None if any(map(_needs_ray, items)) else next(filter(_needs_victim, items), None)
+    items.sort(key=lambda item: 0 if _needs_ray(item) or item is first else 2 if _needs_victim(item) else 1)
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,16 @@ from pathlib import Path
 import torch
 
 from backdoor.data import ImageSet
-from backdoor.models import build_model
+from backdoor.models import MODELS, build_model
 
 
-def random_model(name: str = "small_cnn", channels: int = 1, seed: int = 0):
+def random_model(name: str = "small_cnn", channels: int = 1, seed: int = 0, width: int | None = None):
+    """A seeded, untrained model; `width` (ResNets: the first stage's channels, 64 in the papers)
+    gives the same layers at a fraction of the compute."""
     torch.manual_seed(seed)
-    return build_model(name, 10, channels, [0.5] * channels, [0.25] * channels)
+    if width is None:
+        return build_model(name, 10, channels, [0.5] * channels, [0.25] * channels)
+    return MODELS[name](10, channels, (0.5,) * channels, (0.25,) * channels, width=width)
 
 
 def random_images(n: int = 40, channels: int = 1, size: int = 16, seed: int = 0) -> ImageSet:

@@ -233,8 +233,9 @@ def test_rnp_prunes_only_bn_weights_of_the_original_model():
 @pytest.mark.parametrize("model_name", ["resnet18", "preact_resnet18", "small_cnn"])
 @pytest.mark.parametrize("name", ["clp", "ibau", "ftsam", "rnp"])
 def test_each_new_defence_runs_on_each_model(name, model_name):
+    """Every layer kind of each model (ResNets at width 8: the papers' layers at 1/8 of the channels)."""
     channels = 1 if model_name == "small_cnn" else 3
-    victim = random_model(model_name, channels)
+    victim = random_model(model_name, channels, width=None if model_name == "small_cnn" else 8)
     defense = build_defense(name, TINY[name])
     data = None if name == "clp" else random_images(n=16, channels=channels)
     result = defense.purify(victim, data, device="cpu", image_shape=(channels, 16, 16))
