@@ -149,6 +149,19 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: 0 if _needs_ray(item) or item is first else 2 if _needs_victim(item) else 1)
 
 
+NICE = 10   # the xdist workers' priority once they run tests that need no Ray (os.nice)
+
+
+def pytest_runtest_setup(item):
+    """The test run's Ray tests are its longest path (one worker, one trial at a time), and the
+    other worker shares the two cores with Ray's own processes. So a worker lowers its priority
+    before its first test that needs no Ray: Ray's processes, started by the other worker at the
+    normal priority, get the cores when both want them, and this worker takes what they leave.
+    (When no Ray tests run, every worker lowers itself alike: nothing changes.)"""
+    if os.environ.get("PYTEST_XDIST_WORKER") and not _needs_ray(item) and os.getpriority(os.PRIO_PROCESS, 0) < NICE:
+        os.nice(NICE - os.getpriority(os.PRIO_PROCESS, 0))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """The test run's Ray, connected to this process: a head and one worker node (separate
