@@ -1,4 +1,4 @@
-"""Defences, wave 2 (spec defenses-2.md): CLP, I-BAU, FT-SAM and RNP, each method's defining
+"""Defences CLP, I-BAU, FT-SAM and RNP, each method's defining
 property. Data access and bad input of the clean-data ones are in test_baselines.py."""
 import pytest
 import torch
