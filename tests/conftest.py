@@ -158,8 +158,8 @@ def pytest_runtest_setup(item):
     before its first test that needs no Ray: Ray's processes, started by the other worker at the
     normal priority, get the cores when both want them, and this worker takes what they leave.
     (When no Ray tests run, every worker lowers itself alike: nothing changes.)"""
-    if os.environ.get("PYTEST_XDIST_WORKER") and not _needs_ray(item) and os.getpriority(os.PRIO_PROCESS, 0) < NICE:
-        os.nice(NICE - os.getpriority(os.PRIO_PROCESS, 0))
+    if os.environ.get("PYTEST_XDIST_WORKER") and not _needs_ray(item):
+        os.nice(max(0, NICE - os.getpriority(os.PRIO_PROCESS, 0)))   # once: later calls add 0
 
 
 @pytest.fixture(scope="session")
