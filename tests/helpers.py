@@ -1,6 +1,7 @@
-"""Small builders the tests share: a seeded random model, random images, a state copy, and
-`run_cli` (a command's `main` run in the test process)."""
+"""Small builders the tests share: a seeded random model, random images, a state copy,
+`run_cli` (a command's `main` run in the test process) and `results_rows` (a study's rows)."""
 import contextlib
+import csv
 import io
 import os
 from pathlib import Path
@@ -46,3 +47,9 @@ def run_cli(main, *argv, cwd: Path | None = None) -> tuple[int, str, str]:
         os.chdir(here)
         utils._tracking_uri = uri
     return rc, out.getvalue(), err.getvalue()
+
+
+def results_rows(out: Path) -> list[dict]:
+    """The rows of a study's `results.csv` in `out`, as strings."""
+    with open(out / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))

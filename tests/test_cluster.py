@@ -2,7 +2,6 @@
 this machine (a Ray head plus a worker node, an MLflow server as its own process): trials on
 both nodes, every trial a child run on the server, and a worker node killed mid-study."""
 import copy
-import csv
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from helpers import run_cli
+from helpers import results_rows, run_cli
 from study.sensitivity import main
 
 
@@ -130,11 +129,6 @@ def _write_spec(tmp_path, name, ft_config, lrs, **extra) -> Path:
     return tmp_path / "spec.yaml"
 
 
-def _rows(out: Path) -> list[dict]:
-    with open(out / "results.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _server_runs(uri: str, name: str):
     from mlflow.tracking import MlflowClient
 
@@ -158,7 +152,7 @@ def test_study_runs_trials_on_both_nodes_and_records_them_on_the_mlflow_server(t
     out_text = out + err
     assert rc == 0, out_text[-4000:]
     assert "Ray: 2 node(s), 2 CPUs" in out_text
-    rows = _rows(tmp_path / "out")
+    rows = results_rows(tmp_path / "out")
     assert len(rows) == 4 and all(r["status"] == "finished" for r in rows)
     nodes = {r["node_id"] for r in rows}
     assert nodes == {cluster.head_node.node_id, worker.node_id}      # both nodes ran trials
@@ -220,7 +214,7 @@ def test_a_worker_node_killed_mid_study_follows_the_failure_policy(tmp_path, mlf
     out_text = out + err
     killer.join(timeout=5)
     assert not cluster.worker_nodes, "the worker node was not lost"
-    rows = _rows(tmp_path / "out")
+    rows = results_rows(tmp_path / "out")
     assert len(rows) == 2 and len({r["trial_id"] for r in rows}) == 2, out_text[-4000:]
     _, _, children = _server_runs(uri, name)
     assert sorted(c.data.tags["trial_id"] for c in children) == sorted(r["trial_id"] for r in rows)

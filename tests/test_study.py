@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import run_cli
+from helpers import results_rows, run_cli
 from search_spaces import parse_axis
 from study.packs import group_trials
 from study.sensitivity import main
@@ -48,11 +48,6 @@ def _run(tmp_path, cache: Path, *args) -> tuple[int, str]:
     return rc, out + err
 
 
-def _rows(out: Path) -> list[dict]:
-    with open(out / "results.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _child_runs(db: Path) -> list[tuple]:
     con = sqlite3.connect(db)
     try:
@@ -73,11 +68,11 @@ def _start_and_kill(tmp_path, path: Path, out: Path, db: Path, rows: int, cache:
                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     deadline = time.time() + 180
-    while time.time() < deadline and (not (out / "results.csv").exists() or len(_rows(out)) < rows):
+    while time.time() < deadline and (not (out / "results.csv").exists() or len(results_rows(out)) < rows):
         time.sleep(0.1)
     os.killpg(driver.pid, signal.SIGKILL)  # mid-study
     driver.wait()
-    return _rows(out)
+    return results_rows(out)
 
 
 # --- axes and grid ----------------------------------------------------------------------------
@@ -213,7 +208,7 @@ def test_reduced_study_records_every_trial_and_failing_ones_do_not_stop_it(grid_
     out, db, rc, printed = grid_study
     assert rc == 1, printed  # some failed
     assert "(cache)" in printed   # the test run's default victim
-    rows = _rows(out)
+    rows = results_rows(out)
     assert len(rows) == 10 and len({r["trial_id"] for r in rows}) == 10
     failed = [r for r in rows if r["status"] == "failed"]
     assert sorted((r["defense"], r["clean_fraction"]) for r in failed) == \
@@ -260,7 +255,7 @@ def test_a_packed_study_records_each_member_as_its_unpacked_study_does(tmp_path,
     rc, printed = _run(tmp_path, ray_runtime, "--config", path, "--out", packed, "--mlflow-uri", mlflow_store(db))
     assert rc == 1, printed   # the lr 1e30 members diverge, the target-99 NC trials fail
     assert "6 trials in 1 pack(s)" in printed
-    rows = {r["trial_id"]: r for r in _rows(packed)}
+    rows = {r["trial_id"]: r for r in results_rows(packed)}
     ft = {t: r for t, r in rows.items() if r["defense"] == "ft"}
     assert len(rows) == 10 and {r["pack_size"] for r in ft.values()} == {"6"}
     failed = [r for r in ft.values() if r["status"] == "failed"]
@@ -275,7 +270,7 @@ def test_a_packed_study_records_each_member_as_its_unpacked_study_does(tmp_path,
     # the same study unpacked: the same numbers, trial by trial
     alone_out, _, _, alone_printed = grid_study
     assert "pack(s)" not in alone_printed
-    alone = {r["trial_id"]: r for r in _rows(alone_out)}
+    alone = {r["trial_id"]: r for r in results_rows(alone_out)}
     assert alone.keys() == rows.keys()
     for tid, r in alone.items():
         assert r["pack_size"] == ""
@@ -313,7 +308,7 @@ def test_a_killed_study_resumes_only_what_is_missing_without_duplicate_rows_or_r
     rc, printed = _run(tmp_path, ray_runtime, "--resume", out)
     assert rc == 0, printed
     assert f"running {6 - len(before)} of 6 trials" in printed
-    rows = _rows(out)
+    rows = results_rows(out)
     assert len(rows) == 6 and len({r["trial_id"] for r in rows}) == 6
     assert rows[: len(before)] == before  # nothing recorded was rewritten
     children = _child_runs(db)
@@ -332,7 +327,7 @@ def test_optuna_search_runs_the_space_and_keeps_history_and_pareto_front(tmp_pat
     rc, printed = _run(tmp_path, ray_runtime, "--config", path, "--out", out, "--mlflow-uri", mlflow_store(),
                        "--search", "optuna", "--num-samples", "3")
     assert rc == 0, printed
-    rows = _rows(out)
+    rows = results_rows(out)
     assert len(rows) == 3 and all(0.001 <= float(r["lr"]) <= 0.1 for r in rows)
     study = optuna.load_study(study_name="tiny-v0-d0-ft", storage=f"sqlite:///{out / 'optuna.db'}")
     assert len(study.trials) == 3 and study.directions[1] == optuna.study.StudyDirection.MINIMIZE
