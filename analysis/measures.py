@@ -100,17 +100,24 @@ def axis_spread(rows: pd.DataFrame, axes: list[str] | None = None) -> list[dict]
 
 def defender_pick(rows: pd.DataFrame, th: Thresholds) -> pd.DataFrame:
     """The trial a defender picks from clean accuracy alone, one per (victim, budget, subset
-    seed): a defender has one clean subset and chooses among the configurations run on it."""
-    done = rows[rows["status"] == "finished"]
-    keys = [k for k in ("victim_id", "budget", "subset_seed") if k in done.columns]
-    picks = []
-    for _, g in done.groupby(keys, sort=True):
-        if th.selection == "max_acc":
-            picks.append(g.loc[g["acc"].idxmax()])
-            continue
-        within = g[g["acc_drop"] <= th.safe_drop]
-        picks.append(within.loc[within["acc_drop"].idxmax()] if len(within) else g.loc[g["acc_drop"].idxmin()])
-    return pd.DataFrame(picks, columns=rows.columns)
+    seed): a defender has one clean subset and chooses among the configurations run on it.
+    Of equal candidates the first in table order is picked; picks come in (victim, budget,
+    seed) order. (One sort for all groups: this runs for every group of every study.)"""
+    keys = [k for k in ("victim_id", "budget", "subset_seed") if k in rows.columns]
+    # finished trials with every key (a trial without one belongs to no defender's choice)
+    done = np.flatnonzero(((rows["status"] == "finished") & rows[keys].notna().all(axis=1)).to_numpy())
+    if th.selection == "max_acc":
+        prefer = [-rows["acc"].to_numpy(dtype=float)[done]]
+    else:   # the largest drop within the limit; if none is within it, the smallest drop
+        drop = rows["acc_drop"].to_numpy(dtype=float)[done]
+        within = drop <= th.safe_drop
+        prefer = [-np.where(within, drop, -drop), ~within]
+    codes = [pd.factorize(rows[k].to_numpy()[done], sort=True)[0] for k in keys]
+    order = np.lexsort(prefer + codes[::-1])   # by key, then preference; stable: ties keep table order
+    key = np.stack(codes, axis=1)[order] if codes else np.zeros((len(order), 1))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (key[1:] != key[:-1]).any(axis=1)
+    return rows.iloc[done[order[first]]]
 
 
 def summarize(rows: pd.DataFrame, th: Thresholds) -> dict:

@@ -19,6 +19,8 @@ import json
 import sys
 import time
 
+import torch
+
 from .data import CLEAN_RULES, ImageSet, clean_subset
 from .defenses import DEFENSES, Defense, DefenseDiverged, build_defense
 from .diagnostics import is_diagnostic, mask_trigger_correlation, masks_of, trigger_response, weight_drift
@@ -47,8 +49,7 @@ def run_defense(victim: Victim, defense: str | Defense, defense_config: dict | N
         if clean_fraction is None and shots is None:
             raise ValueError(f"clean_fraction: {defense_name} needs clean data; give clean_fraction or shots")
         data = clean_subset(victim.splits, fraction=clean_fraction, shots=shots, seed=subset_seed, rule=clean_rule)
-    reference = correct_mask(victim.model, victim.splits.test)
-    before = evaluate(victim.model, victim.splits.test, victim.attack, reference_correct=reference)
+    reference, before = victim_before(victim)
     probe = EvaluationDiagnostics(victim) if diagnostics else None
     t0 = time.perf_counter()
 
@@ -74,6 +75,22 @@ def run_defense(victim: Victim, defense: str | Defense, defense_config: dict | N
             "before": before, "after": {k: after[k] for k in before},
             "diagnostics": {k: v for k, v in last.items() if is_diagnostic(k)},
             "seconds": result.info["seconds"], "info": result.info, "history": result.history}
+
+
+def victim_before(victim: Victim) -> tuple[torch.Tensor, dict]:
+    """The victim's clean correctness per test image (Eq. 9's reference) and its metrics before
+    purification. Measured once per victim object while its weights stay the same (the same
+    tensors, at the same in-place version counters), so several runs on one victim share them."""
+    model = victim.model
+    state = [victim.splits, victim.attack, *model.parameters(), *model.buffers()]
+    versions = [t._version for t in state[2:]]
+    memo = victim.__dict__.get("_before")
+    if memo is None or len(memo[0]) != len(state) or any(a is not b for a, b in zip(memo[0], state)) \
+            or memo[1] != versions:
+        reference = correct_mask(model, victim.splits.test)
+        before = evaluate(model, victim.splits.test, victim.attack, reference_correct=reference)
+        memo = victim.__dict__["_before"] = (state, versions, reference, before)
+    return memo[2], dict(memo[3])
 
 
 class EvaluationDiagnostics:

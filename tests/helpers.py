@@ -1,7 +1,9 @@
-"""Small builders the tests share: a seeded random model, random images, a state copy,
-`run_cli` (a command's `main` run in the test process) and `results_rows` (a study's rows)."""
+"""Small builders the tests share: a seeded random model, random images, a state copy, a victim
+with fewer test images, `run_cli` (a command's `main` run in the test process) and
+`results_rows` (a study's rows)."""
 import contextlib
 import csv
+import dataclasses
 import io
 import os
 from pathlib import Path
@@ -25,6 +27,13 @@ def random_images(n: int = 40, channels: int = 1, size: int = 16, seed: int = 0)
     g = torch.Generator().manual_seed(seed)
     return ImageSet(torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g),
                     torch.arange(n) % 10)
+
+
+def with_test_images(victim, n: int = 100):
+    """`victim` evaluated on the first `n` images of its test set (the same model, attack and
+    defender pool): for tests that compare runs with each other, whose cost is mostly evaluation."""
+    splits = victim.splits
+    return dataclasses.replace(victim, splits=dataclasses.replace(splits, test=splits.test.subset(torch.arange(n))))
 
 
 def state_copy(model) -> dict:

@@ -1,6 +1,7 @@
 """Analysis: the logistic fit on data with a known curve, the measures on hand-built tables,
 the figures and report from a synthetic study, and bad input naming the file or column."""
 import json
+import re
 
 import matplotlib.image
 import numpy as np
@@ -197,19 +198,6 @@ def test_fits_json_and_report_carry_the_ranking_and_every_fit(synthetic_study):
     assert out["ranking"][0]["defense"] == "dhbe" and out["ranking"][0]["safe_share"] > 0
 
 
-def test_a_defence_whose_trials_all_failed_is_reported_not_a_crash(tmp_path):
-    df = make_results(120)
-    failed = df[df["defense"] == "nad"].index
-    df.loc[failed, ["acc", "asr", "acc_drop"]] = np.nan
-    df.loc[failed, "status"] = "failed"
-    df.to_csv(tmp_path / "results.csv", index=False)
-    out = analyze(tmp_path, n_boot=10, log=lambda m: None)
-    nad = next(s for s in out["ranking"] if s["defense"] == "nad")
-    assert nad["failed"] == nad["trials"] > 0 and nad["safe_share"] == 0 and nad["rank"] == len(out["ranking"])
-    assert out["fits"][("nad", "1%")].reason == "no points"
-    assert f"{nad['trials']} ({nad['trials']} failed)" in (tmp_path / "report.md").read_text()
-
-
 def test_collapsed_models_can_be_left_out_of_the_fits(tmp_path):
     df = make_results(200)
     collapsed = df[df["defense"] == "ft"].head(12).assign(acc=20.0, asr=60.0, acc_drop=78.0)
@@ -221,13 +209,23 @@ def test_collapsed_models_can_be_left_out_of_the_fits(tmp_path):
     assert "left out of the fits (12 trials)" in (tmp_path / "report.md").read_text()
 
 
-def test_cli_rebuilds_from_results_csv_alone(tmp_path, capsys):
-    make_results(120).to_csv(tmp_path / "results.csv", index=False)
+def test_cli_rebuilds_from_results_csv_alone_and_reports_a_defence_whose_trials_all_failed(tmp_path, capsys):
+    df = make_results(120)
+    failed = df[df["defense"] == "nad"].index
+    df.loc[failed, ["acc", "asr", "acc_drop"]] = np.nan
+    df.loc[failed, "status"] = "failed"
+    df.to_csv(tmp_path / "results.csv", index=False)
     assert analysis_main([str(tmp_path), "--bootstrap", "10", "--selection", "max_acc"]) == 0
-    assert (tmp_path / "report.md").exists() and (tmp_path / "plots" / "tradeoff.png").exists()
+    report = (tmp_path / "report.md").read_text()
+    assert (tmp_path / "plots" / "tradeoff.png").exists()
     assert not (tmp_path / "plots" / "trajectories.png").exists()   # no epochs.csv: that figure is skipped
-    assert "no `epochs.csv`" in (tmp_path / "report.md").read_text()
-    assert "1. " in capsys.readouterr().out
+    assert "no `epochs.csv`" in report
+    # the defence whose trials all failed: ranked last at a 0% safe share, its fits empty, its trials counted
+    ranking = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\d+\. ", line)]
+    assert re.match(rf"{len(ranking)}\. nad +safe +0% ", ranking[-1]), ranking
+    fits = {(f["defense"], f["budget"]): f for f in json.loads((tmp_path / "fits.json").read_text())["fits"]}
+    assert fits[("nad", "1%")]["reason"] == "no points" and fits[("ft", "1%")]["reason"] == ""
+    assert f"{len(failed)} ({len(failed)} failed)" in report
 
 
 # --- bad input -----------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """The attack as an axis of the analysis: per-attack fits and measures, the attack x defence
 figure and report section, and empty (non-patch) amplified ASR kept out of means and plots."""
+import contextlib
+import io
 import json
 
 import matplotlib.image
@@ -7,9 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import analysis.__main__ as analysis_cli
 from analysis import Thresholds, analyze, load_results
-from analysis.__main__ import main as analysis_main
-from analysis.analyze import measure_study
 from analysis.attacks import amplified_groups, attack_table
 from analysis.measures import rank
 from analysis.synthetic import make_results
@@ -35,11 +36,31 @@ def _multi(tmp_path, n: int = 360):
     return _write(tmp_path, df.reset_index(drop=True))
 
 
+@pytest.fixture(scope="module")
+def multi_cli(tmp_path_factory):
+    """`python -m analysis` run once on the three-attack table (plots included, no bootstrap):
+    (directory, exit code, what it printed, what `analyze` returned to it)."""
+    d = _multi(tmp_path_factory.mktemp("multi"))
+    returned = {}
+
+    def spy(*args, **kwargs):
+        returned.update(analyze(*args, **kwargs))
+        return returned
+
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setattr(analysis_cli, "analyze", spy)
+        code = analysis_cli.main([str(d), "--bootstrap", "0"])
+    return d, code, printed.getvalue(), returned
+
+
 # --- fits and measures --------------------------------------------------------------------------
 
-def test_several_attacks_give_one_fit_per_defence_budget_and_attack(tmp_path):
-    raw = pd.read_csv(_multi(tmp_path) / "results.csv", keep_default_na=False, dtype=str)
-    fits, summaries, ranking = measure_study(load_results(tmp_path), n_boot=0)
+def test_several_attacks_give_one_fit_per_defence_budget_and_attack(multi_cli):
+    d, code, _, out = multi_cli
+    assert code == 0
+    raw = pd.read_csv(d / "results.csv", keep_default_na=False, dtype=str)
+    fits, summaries, ranking = out["fits"], out["summaries"], out["ranking"]
     done = raw[raw["status"] == "finished"]
     budget = done["clean_fraction"].map(lambda f: f"{float(f) * 100:g}%" if f else "data-free")
     expected = done.groupby([done["defense"], budget, done["attack"]]).size()
@@ -100,13 +121,11 @@ def test_attack_table_safe_share_and_pick_match_a_direct_count(tmp_path):
     assert attack_table(load_results(_write(tmp_path, make_results(60))), th) is None
 
 
-def test_cli_draws_the_heat_map_and_attacks_section_only_with_several_attacks(tmp_path, capsys):
-    (tmp_path / "multi").mkdir()
-    multi = _multi(tmp_path / "multi")
-    assert analysis_main([str(multi), "--bootstrap", "0"]) == 0
+def test_cli_draws_the_heat_map_and_attacks_section_with_several_attacks(multi_cli):
+    multi, code, printed, _ = multi_cli
+    assert code == 0
     png = multi / "plots" / "attack_x_defense.png"
     assert matplotlib.image.imread(png)[..., :3].std() > 0.05
-    printed = capsys.readouterr().out
     assert all(f"{a} 1. " in printed for a in ATTACKS)   # the ranking, per attack
     entries = json.loads((multi / "fits.json").read_text())["fits"]
     assert {e["attack"] for e in entries} == set(ATTACKS) and list(entries[0])[:3] == ["defense", "budget", "attack"]
@@ -123,11 +142,6 @@ def test_cli_draws_the_heat_map_and_attacks_section_only_with_several_attacks(tm
     assert 0 < safe < 1 and cells["sig"][" dhbe "].strip().startswith(f"{safe * 100:.0f}% / ")
     assert cells["wanet"][" nad "].strip() == "" and cells["badnets"][" nad "].strip() != ""
 
-    (tmp_path / "single").mkdir()
-    single = analyze(_write(tmp_path / "single", make_results(120)), n_boot=0, log=lambda m: None)
-    assert not (tmp_path / "single" / "plots" / "attack_x_defense.png").exists()
-    assert "attack_x_defense.png" not in {p.name for p in single["files"]}
-
 
 # --- amplified ASR: empty for non-patch attacks, never 0 ---------------------------------------------
 
@@ -141,12 +155,12 @@ def test_empty_amplified_asr_is_skipped_not_zero(tmp_path):
     assert len(rows) == len(df[(df["defense"] == "ft") & (df["attack"] == "badnets")])
 
 
-def test_report_amplified_means_skip_empty_cells(tmp_path):
+def test_report_amplified_means_skip_empty_cells_and_one_attack_draws_no_attack_figure(tmp_path):
     df = make_results(120)
     ft = df.index[df["defense"] == "ft"]
     df.loc[ft[::2], "asr_x4"] = np.nan   # half of FT without x4: the mean is over the other half
     df.loc[df["defense"] == "fp", ["asr_x4", "asr_x9"]] = np.nan
-    analyze(_write(tmp_path, df), n_boot=0, log=lambda m: None)
+    out = analyze(_write(tmp_path, df), n_boot=0, log=lambda m: None)
     report = (tmp_path / "report.md").read_text()
     section = report[report.index("## Amplified triggers"):report.index("## Trigger size")].splitlines()
     kept = pd.to_numeric(df.loc[ft[1::2], "asr_x4"])
@@ -155,6 +169,9 @@ def test_report_amplified_means_skip_empty_cells(tmp_path):
     assert not any(line.startswith("| fp |") for line in section)
     assert "Left out (no amplified ASR in any trial; e.g. not a patch attack): fp." in report
     assert (tmp_path / "plots" / "amplified.png").exists()
+    # one attack: every other figure, but no attack x defence heat map
+    assert not (tmp_path / "plots" / "attack_x_defense.png").exists()
+    assert "attack_x_defense.png" not in {p.name for p in out["files"]} and "tradeoff.png" in {p.name for p in out["files"]}
 
 
 def test_no_amplified_asr_at_all_means_no_figure_and_no_table(tmp_path):

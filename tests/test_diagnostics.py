@@ -13,6 +13,7 @@ from backdoor import diagnostics as D
 from backdoor.data import ImageSet
 from backdoor.metrics import evaluate
 from backdoor.models import build_model
+from helpers import with_test_images
 
 
 class Constant(nn.Module):
@@ -114,7 +115,7 @@ def test_dhbe_teacher_that_maps_everything_to_the_target_gives_top_share_one(dig
         model.linear.bias.zero_()
         model.linear.bias[digits_victim.attack.target] = 5.0
     victim = dataclasses.replace(digits_victim, model=model)
-    out = run_defense(victim, "dhbe", {"epochs": 2, "iters_per_epoch": 2, "batch_size": 16}, log=lambda m: None)
+    out = run_defense(victim, "dhbe", {"epochs": 2, "iters_per_epoch": 2, "batch_size": 16, "ngf": 16}, log=lambda m: None)
     last = out["history"][-1]
     assert last["teacher_top_share"] == 1.0 and last["teacher_entropy"] == 0.0
     assert last["teacher_top_class"] == digits_victim.attack.target and last["teacher_top_is_target"] == 1.0
@@ -125,18 +126,19 @@ def test_dhbe_teacher_that_maps_everything_to_the_target_gives_top_share_one(dig
 def test_dhbe_without_momentum_runs_with_diagnostics_and_omits_the_step_ratio(digits_victim):
     from backdoor.purify import run_defense
 
-    out = run_defense(digits_victim, "dhbe", {"epochs": 1, "iters_per_epoch": 2, "batch_size": 16, "momentum": 0.0},
+    out = run_defense(digits_victim, "dhbe", {"epochs": 1, "iters_per_epoch": 2, "batch_size": 16, "ngf": 16, "momentum": 0.0},
                       log=lambda m: None)
     assert "teacher_top_share" in out["history"][-1] and "update_ratio_max" not in out["history"][-1]
 
 
 @pytest.mark.parametrize("defense,config,fraction", [
-    ("dhbe", {"epochs": 2, "iters_per_epoch": 3, "batch_size": 16}, None),
+    ("dhbe", {"epochs": 2, "iters_per_epoch": 3, "batch_size": 16, "ngf": 16}, None),
     ("nft", {"steps": 20, "rounds": 2}, 0.07),
 ])
 def test_diagnostics_change_nothing_the_defence_computes(digits_victim, defense, config, fraction):
     from backdoor.purify import run_defense
 
+    digits_victim = with_test_images(digits_victim)   # the two runs evaluated on the same 100 images
     runs = [run_defense(digits_victim, defense, config, clean_fraction=fraction, log=lambda m: None,
                         diagnostics=flag) for flag in (True, False)]
     for on, off in zip(runs[0]["history"], runs[1]["history"]):
@@ -149,6 +151,7 @@ def test_diagnostics_change_nothing_the_defence_computes(digits_victim, defense,
 def test_nft_records_masks_and_their_correlation_with_the_trigger(digits_victim):
     from backdoor.purify import run_defense
 
+    digits_victim = with_test_images(digits_victim)
     out = run_defense(digits_victim, "nft", {"steps": 20, "rounds": 2}, clean_fraction=0.07, log=lambda m: None)
     last = out["history"][-1]
     assert -1.0 <= last["mask_trigger_corr"] <= 1.0

@@ -14,6 +14,7 @@ from backdoor.packing import Member, PackedNet, PackedSGD, evaluate_pack, member
 from backdoor.packing.defenses import pack_ft
 from backdoor.purify import run_defense
 from backdoor.metrics import evaluate
+from helpers import with_test_images
 
 TINY_FT = {"epochs": 2, "samples_per_epoch": 96, "milestones": [1]}
 CONFIGS = {
@@ -38,6 +39,7 @@ def _members(defense: str) -> list[Member]:
 
 @pytest.mark.parametrize("defense", ["ft", "fp", "nad", "nft"])
 def test_a_pack_gives_every_member_its_unpacked_result_bit_for_bit_on_cpu(digits_victim, defense):
+    digits_victim = with_test_images(digits_victim)   # pack and unpacked runs evaluated on the same 100 images
     members = _members(defense)
     packed = run_pack(digits_victim, defense, members, log=lambda m: None)
     for m, out in zip(members, packed):
@@ -90,6 +92,7 @@ def test_grouped_convolutions_and_vector_sgd_match_within_tolerance(digits_victi
 
 
 def test_one_diverging_member_fails_alone_and_the_others_match_their_unpacked_runs(digits_victim):
+    digits_victim = with_test_images(digits_victim)
     members = [Member({**TINY_FT, "lr": 0.01}, 0.02), Member({**TINY_FT, "lr": 1e30}, 0.02),
                Member({**TINY_FT, "lr": 0.05}, 0.05)]
     outs = run_pack(digits_victim, "ft", members, log=lambda m: None)

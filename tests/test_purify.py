@@ -1,6 +1,12 @@
 """The purification pipeline: victim -> clean subset -> defence -> per-epoch ACC / ASR; CLI errors."""
-import pytest
+import copy
+import dataclasses
 
+import pytest
+import torch
+
+import backdoor.purify as purify
+from backdoor.metrics import evaluate
 from backdoor.purify import main, run_defense
 
 
@@ -16,6 +22,22 @@ def test_nft_run_reports_every_round_and_uses_only_the_clean_subset(victim):
     assert {"acc", "asr", "asr_x9", "loss_total"} <= set(out["history"][-1])
     assert out["after"]["acc"] == out["history"][-1]["acc"]
     assert out["before"]["asr"] == pytest.approx(victim.metrics["asr"])
+
+
+def test_the_victim_before_purification_is_measured_once_while_its_weights_stay_the_same(victim, monkeypatch):
+    v = dataclasses.replace(victim, model=copy.deepcopy(victim.model))   # the shared victim stays untouched
+    calls = []
+    monkeypatch.setattr(purify, "evaluate", lambda *a, **k: calls.append(1) or evaluate(*a, **k))
+    reference, before = purify.victim_before(v)
+    assert before == evaluate(v.model, v.splits.test, v.attack) and reference.dtype == torch.bool
+    before["acc"] = -1.0   # the caller's copy
+    again_reference, again = purify.victim_before(v)
+    assert len(calls) == 1 and again_reference is reference and again["acc"] == evaluate(v.model, v.splits.test)["acc"]
+    with torch.no_grad():   # weights changed in place: measured again
+        v.model.linear.bias[v.attack.target] += 100.0
+    assert purify.victim_before(v)[1]["acc"] < again["acc"] and len(calls) == 2
+    purify.victim_before(dataclasses.replace(v, model=copy.deepcopy(victim.model)))   # another model: measured
+    assert len(calls) == 3
 
 
 def test_dhbe_run_gets_no_clean_data(victim):

@@ -17,8 +17,8 @@ from torch import nn
 from ..data import ImageSet, clean_subset, to_float
 from ..defenses import build_defense
 from ..diagnostics import is_diagnostic, weight_drift
-from ..metrics import Tally, amplified_copies, correct_mask, evaluate, views_of
-from ..purify import EvaluationDiagnostics
+from ..metrics import Tally, amplified_copies, evaluate, views_of
+from ..purify import EvaluationDiagnostics, victim_before
 from ..runtime import autocast
 from ..victims import Victim
 from .defenses import PACKED, pack_refusal
@@ -85,8 +85,7 @@ def run_pack(victim: Victim, defense: str, members: Sequence[Member], *, log=pri
     device = test.device
     subsets = [clean_subset(victim.splits, fraction=m.clean_fraction, shots=m.shots, seed=m.subset_seed,
                             rule=m.clean_rule).to(device) for m in members]
-    reference = correct_mask(victim.model, test)
-    before = evaluate(victim.model, test, victim.attack, reference_correct=reference)
+    reference, before = victim_before(victim)
     probe = EvaluationDiagnostics(victim) if diagnostics else None
     t0 = time.perf_counter()
     k = len(members)
