@@ -2,6 +2,11 @@ import contextlib
 import fcntl
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -75,17 +80,64 @@ def cpu():
     return torch.device("cpu")
 
 
-@pytest.fixture(scope="session")
-def trained_default_victim(tmp_path_factory, digits):
-    """(cache directory, victim): the default digits BadNets victim (small_cnn, 30 epochs: the
-    suite's costliest shared fixture), trained once per test run into a cache that starts
-    empty; shared by the pipeline, baseline, victim-cache and study tests. Under xdist the
-    first worker to need it trains it (the others wait on a lock, then load it)."""
-    from backdoor.victims import VictimSpec, get_or_train
+class DefaultVictim:
+    """The default digits BadNets victim (small_cnn, 30 epochs: the suite's costliest shared
+    fixture), trained once per test run into a cache that starts empty. Under xdist the first
+    worker to need it trains it (the others wait on a lock, then load it). Where Ray is about
+    to start, `start()` trains it in a child process (`python -m backdoor.victims`: the same
+    bits, `backdoor.determinism`), so Ray, the MLflow server and the imports start meanwhile."""
 
-    with _run_wide(tmp_path_factory, "default-victim") as cache:
+    def __init__(self, tmp_path_factory):
+        self._factory, self._held, self._child = tmp_path_factory, contextlib.ExitStack(), None
+        self.cache: Path | None = None
+
+    def _lock(self) -> Path:
+        if self.cache is None:
+            self.cache = self._held.enter_context(_run_wide(self._factory, "default-victim"))
+        return self.cache
+
+    def start(self) -> None:
+        """Begin training in the background (nothing to do if the cache already holds it)."""
+        cache = self._lock()
+        if self._child is None and not list(cache.glob("*.safetensors")):
+            cache.mkdir(parents=True, exist_ok=True)
+            self._log = cache.parent / "default-victim.log"
+            self._child = subprocess.Popen(
+                [sys.executable, "-m", "backdoor.victims", "--cache-dir", str(cache), "--device", "cpu"],
+                stdout=subprocess.DEVNULL, stderr=open(self._log, "w"))
+
+    def get(self, digits):
+        """(cache, victim): waits for the child if one trains it, else trains it here."""
+        from backdoor.victims import VictimSpec, get_or_train
+
+        cache = self._lock()
+        if self._child is not None:
+            if self._child.wait() != 0:
+                raise RuntimeError(f"training the default victim failed: {self._log.read_text()[-3000:]}")
+            self._child = None
         victim = get_or_train(VictimSpec(), cache, data=digits, device="cpu", log=lambda m: None)
-    return cache, victim
+        self._held.close()   # trained: the other workers may load it
+        return cache, victim
+
+    def close(self) -> None:
+        if self._child is not None:   # the run ended before anything needed it
+            self._child.kill()
+            self._child.wait()
+        self._held.close()
+
+
+@pytest.fixture(scope="session")
+def _default_victim(tmp_path_factory):
+    victim = DefaultVictim(tmp_path_factory)
+    yield victim
+    victim.close()
+
+
+@pytest.fixture(scope="session")
+def trained_default_victim(_default_victim, digits):
+    """(cache directory, victim): the default victim (`DefaultVictim`), shared by the pipeline,
+    baseline, victim-cache and study tests."""
+    return _default_victim.get(digits)
 
 
 @pytest.fixture(scope="session")
@@ -163,12 +215,14 @@ def pytest_runtest_setup(item):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(_default_victim):
     """The test run's Ray, connected to this process: a head and one worker node (separate
     raylets, one CPU each) on this machine, as a small cluster is. A node that is lost is
     declared dead after about 1.5 s (Ray's default health check takes about 15 s). Idle task
     workers are kept (Ray's default kills one a second after it idles beside an actor), so
-    each study's victim stage finds a warm worker: ~0.1 s instead of a new process (5-7 s)."""
+    each study's victim stage finds a warm worker: ~0.1 s instead of a new process (5-7 s).
+    Every test on this Ray studies the default victim: it trains while Ray starts."""
+    _default_victim.start()
     import ray
     from ray.cluster_utils import Cluster
 
@@ -186,9 +240,51 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def ray_runtime(ray_cluster, trained_default_victim):
+def ray_runtime(ray_cluster, request):
     """Ray for the studies the tests run in this process (`ray.init` and a driver's start cost
     seconds each time; a study that finds Ray running uses it). Returns the victim cache that
     `trained_default_victim` trained into: a study given it as `--cache-dir` loads the default
     victim (the same bits at any thread count: `backdoor.determinism`) instead of training it."""
-    return trained_default_victim[0]
+    import study.runner  # noqa: F401  (what a study imports, matplotlib and Tune: seconds, while the victim trains)
+
+    return request.getfixturevalue("trained_default_victim")[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def _mlflow_server_process(tmp_path_factory):
+    """An MLflow tracking server started on 127.0.0.1 (sqlite store, proxied artifacts), its own
+    process: (process, URI, its directory). Not yet answering: see `mlflow_server`."""
+    d = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    with open(d / "mlflow-server.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{d / 'server.db'}", "--artifacts-destination", str(d / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT)
+    yield proc, f"http://127.0.0.1:{port}", d
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(_mlflow_server_process, ray_runtime):
+    """(URI, the server's artifact directory) of the test run's MLflow tracking server, shared by
+    the studies that record to a server (each to an experiment of its own name). Its users are
+    studies on the test run's Ray: the server starts (seconds) while Ray starts and the default
+    victim trains, and is waited for only then."""
+    proc, uri, d = _mlflow_server_process
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                return uri, d / "artifacts"
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    pytest.fail("MLflow server did not start: " + (d / "mlflow-server.log").read_text()[-2000:])

@@ -2,12 +2,7 @@
 this machine (a Ray head plus a worker node, an MLflow server as its own process): trials on
 both nodes, every trial a child run on the server, and a worker node killed mid-study."""
 import copy
-import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import jsonschema
@@ -72,39 +67,6 @@ def test_a_broken_edit_fails_validation(edit, error):
 
 
 # --- multi-node studies on this machine -----------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """An MLflow tracking server on 127.0.0.1 (sqlite store, proxied artifacts), its own process,
-    shared by the module's studies (each records to an experiment of its own name). Yields
-    (URI, the server's artifact directory)."""
-    d = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{d / 'server.db'}", "--artifacts-destination", str(d / "artifacts")],
-        stdout=open(d / "mlflow-server.log", "w"), stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("MLflow server did not start: " + (d / "mlflow-server.log").read_text()[-2000:])
-    yield uri, d / "artifacts"
-    proc.terminate()
-    proc.wait(timeout=30)
-
 
 def _ensure_worker(cluster) -> None:
     if not cluster.worker_nodes:
@@ -179,40 +141,59 @@ def _lose_node(cluster, node) -> None:
     cluster.remove_node(node, allow_graceful=False)
 
 
-def _lose_node_mid_trial(cluster, node, cpu_seconds: float = 9.0) -> None:
-    """Lose `node` once the trial actor on it is well into training: it has used `cpu_seconds`
-    (its imports and first optimizer take about 7; each of the kill tests' 3 epochs about 2)."""
+def _node_processes(node) -> set[int]:
+    """The pids of `node`'s raylet's processes (its Ray workers, trial actors among them)."""
     import psutil
     from ray._private import ray_constants
 
-    (raylet,) = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET]
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        trials = [p for p in psutil.Process(raylet.process.pid).children(recursive=True)
-                  if "ImplicitFunc" in p.name()]
-        if any(sum(p.cpu_times()[:2]) >= cpu_seconds for p in trials):
-            break
-        time.sleep(0.1)
-    _lose_node(cluster, node)
+    raylets = node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, [])   # none: the node is gone
+    return {p.pid for r in raylets for p in psutil.Process(r.process.pid).children(recursive=True)}
+
+
+def _first_epoch_from(node, monkeypatch) -> threading.Event:
+    """An event set when the study's Tune callback receives an epoch's result from a trial that
+    runs on `node` (Tune adds the trial process's pid to every result): that trial is then
+    mid-training, with two of its three epochs to go."""
+    from study.tracking import StudyRecorder
+
+    reported, original = threading.Event(), StudyRecorder.on_trial_result
+
+    def spy(self, iteration, trials, trial, result, **info):
+        original(self, iteration, trials, trial, result, **info)
+        if not reported.is_set() and result.get("epoch") and result.get("pid") in _node_processes(node):
+            reported.set()
+
+    monkeypatch.setattr(StudyRecorder, "on_trial_result", spy)
+    return reported
+
+
+def _lose_node_when(reported: threading.Event, cluster, node, study_over: threading.Event) -> None:
+    """Lose `node` as soon as `reported` is set, unless the study is over first."""
+    while not study_over.is_set():
+        if reported.wait(timeout=0.05):
+            _lose_node(cluster, node)
+            return
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("max_retries", [2, 0])
 def test_a_worker_node_killed_mid_study_follows_the_failure_policy(tmp_path, mlflow_server, two_nodes, max_retries,
-                                                                   ray_runtime):
+                                                                   ray_runtime, monkeypatch):
     """Two trials, one on each node; the worker node is killed while its trial runs. max_retries
     2 (the default): the lost trial runs again on the surviving node; 0: it is a failed row and a
     FAILED run. Either way the study finishes and the other trial is kept."""
     (uri, _), (cluster, worker) = mlflow_server, two_nodes
     name = f"cluster-kill-{max_retries}"
-    path = _write_spec(tmp_path, name, {"epochs": 3, "samples_per_epoch": 4096, "milestones": [2]},
+    path = _write_spec(tmp_path, name, {"epochs": 3, "samples_per_epoch": 2048, "milestones": [2]},
                        [0.005, 0.01], failures={"max_retries": max_retries})
-    killer = threading.Thread(target=_lose_node_mid_trial, args=(cluster, worker), daemon=True)
+    reported, study_over = _first_epoch_from(worker, monkeypatch), threading.Event()
+    killer = threading.Thread(target=_lose_node_when, args=(reported, cluster, worker, study_over), daemon=True)
     killer.start()
     rc, out, err = run_cli(main, "--config", path, "--out", tmp_path / "out", "--mlflow-uri", uri,
                            "--cache-dir", ray_runtime, cwd=tmp_path)
     out_text = out + err
-    killer.join(timeout=5)
+    study_over.set()
+    killer.join(timeout=30)
     assert not cluster.worker_nodes, "the worker node was not lost"
     rows = results_rows(tmp_path / "out")
     assert len(rows) == 2 and len({r["trial_id"] for r in rows}) == 2, out_text[-4000:]
