@@ -80,64 +80,17 @@ def cpu():
     return torch.device("cpu")
 
 
-class DefaultVictim:
-    """The default digits BadNets victim (small_cnn, 30 epochs: the suite's costliest shared
-    fixture), trained once per test run into a cache that starts empty. Under xdist the first
-    worker to need it trains it (the others wait on a lock, then load it). Where Ray is about
-    to start, `start()` trains it in a child process (`python -m backdoor.victims`: the same
-    bits, `backdoor.determinism`), so Ray, the MLflow server and the imports start meanwhile."""
+@pytest.fixture(scope="session")
+def trained_default_victim(tmp_path_factory, digits):
+    """(cache directory, victim): the default digits BadNets victim (small_cnn, 30 epochs: the
+    suite's costliest shared fixture), trained once per test run into a cache that starts
+    empty; shared by the pipeline, baseline, victim-cache and study tests. Under xdist the
+    first worker to need it trains it (the others wait on a lock, then load it)."""
+    from backdoor.victims import VictimSpec, get_or_train
 
-    def __init__(self, tmp_path_factory):
-        self._factory, self._held, self._child = tmp_path_factory, contextlib.ExitStack(), None
-        self.cache: Path | None = None
-
-    def _lock(self) -> Path:
-        if self.cache is None:
-            self.cache = self._held.enter_context(_run_wide(self._factory, "default-victim"))
-        return self.cache
-
-    def start(self) -> None:
-        """Begin training in the background (nothing to do if the cache already holds it)."""
-        cache = self._lock()
-        if self._child is None and not list(cache.glob("*.safetensors")):
-            cache.mkdir(parents=True, exist_ok=True)
-            self._log = cache.parent / "default-victim.log"
-            self._child = subprocess.Popen(
-                [sys.executable, "-m", "backdoor.victims", "--cache-dir", str(cache), "--device", "cpu"],
-                stdout=subprocess.DEVNULL, stderr=open(self._log, "w"))
-
-    def get(self, digits):
-        """(cache, victim): waits for the child if one trains it, else trains it here."""
-        from backdoor.victims import VictimSpec, get_or_train
-
-        cache = self._lock()
-        if self._child is not None:
-            if self._child.wait() != 0:
-                raise RuntimeError(f"training the default victim failed: {self._log.read_text()[-3000:]}")
-            self._child = None
+    with _run_wide(tmp_path_factory, "default-victim") as cache:
         victim = get_or_train(VictimSpec(), cache, data=digits, device="cpu", log=lambda m: None)
-        self._held.close()   # trained: the other workers may load it
-        return cache, victim
-
-    def close(self) -> None:
-        if self._child is not None:   # the run ended before anything needed it
-            self._child.kill()
-            self._child.wait()
-        self._held.close()
-
-
-@pytest.fixture(scope="session")
-def _default_victim(tmp_path_factory):
-    victim = DefaultVictim(tmp_path_factory)
-    yield victim
-    victim.close()
-
-
-@pytest.fixture(scope="session")
-def trained_default_victim(_default_victim, digits):
-    """(cache directory, victim): the default victim (`DefaultVictim`), shared by the pipeline,
-    baseline, victim-cache and study tests."""
-    return _default_victim.get(digits)
+    return cache, victim
 
 
 @pytest.fixture(scope="session")
@@ -193,11 +146,11 @@ def pytest_itemcollected(item):
 
 @pytest.hookimpl(trylast=True)   # after `-m` / `-k` have deselected
 def pytest_collection_modifyitems(config, items):
-    """The order the xdist workers take the tests in. The tests that need the test run's Ray
-    first: their worker starts on them at once (and trains the default victim for them). Without
-    them, one test that needs the default victim first. The other tests that need it come last,
-    so while the victim trains the other worker has other tests to run, not a lock to wait on."""
-    first = None if any(map(_needs_ray, items)) else next(filter(_needs_victim, items), None)
+    """The order the xdist workers take the tests in: the tests that need the test run's Ray (the
+    longest path: one worker runs them all) and one test that needs the default victim first, so
+    one worker starts on the Ray tests and the other trains the default victim at once. The other
+    tests that need it come last, so while it trains no worker waits on its lock."""
+    first = next(filter(_needs_victim, items), None)
     items.sort(key=lambda item: 0 if _needs_ray(item) or item is first else 2 if _needs_victim(item) else 1)
 
 
@@ -215,14 +168,12 @@ def pytest_runtest_setup(item):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(_default_victim):
+def ray_cluster():
     """The test run's Ray, connected to this process: a head and one worker node (separate
     raylets, one CPU each) on this machine, as a small cluster is. A node that is lost is
     declared dead after about 1.5 s (Ray's default health check takes about 15 s). Idle task
     workers are kept (Ray's default kills one a second after it idles beside an actor), so
-    each study's victim stage finds a warm worker: ~0.1 s instead of a new process (5-7 s).
-    Every test on this Ray studies the default victim: it trains while Ray starts."""
-    _default_victim.start()
+    each study's victim stage finds a warm worker: ~0.1 s instead of a new process (5-7 s)."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -239,15 +190,35 @@ def ray_cluster(_default_victim):
     cluster.shutdown()
 
 
-@pytest.fixture(scope="session")
-def ray_runtime(ray_cluster, request):
-    """Ray for the studies the tests run in this process (`ray.init` and a driver's start cost
-    seconds each time; a study that finds Ray running uses it). Returns the victim cache that
-    `trained_default_victim` trained into: a study given it as `--cache-dir` loads the default
-    victim (the same bits at any thread count: `backdoor.determinism`) instead of training it."""
-    import study.runner  # noqa: F401  (what a study imports, matplotlib and Tune: seconds, while the victim trains)
+def _ensure_worker(cluster) -> None:
+    if not cluster.worker_nodes:
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()   # live nodes = the head + this worker (a removed one is declared dead)
 
-    return request.getfixturevalue("trained_default_victim")[0]
+
+@pytest.fixture
+def two_nodes(ray_cluster):
+    """The test run's Ray head plus one live worker node: a new one if an earlier test removed
+    it; a test that removes it gets another one afterwards."""
+    _ensure_worker(ray_cluster)
+    (worker,) = ray_cluster.worker_nodes
+    yield ray_cluster, worker
+    _ensure_worker(ray_cluster)
+
+
+@pytest.fixture(scope="session")
+def ray_runtime(ray_cluster, tmp_path_factory, digits):
+    """Ray for the studies the tests run in this process (`ray.init` and a driver's start cost
+    seconds each time; a study that finds Ray running uses it). Returns a victim cache holding
+    `studies.STUDY_VICTIM`, the victim the tests' study specs name, trained here once per test
+    run: a study given it as `--cache-dir` loads that victim (the same bits at any thread count:
+    `backdoor.determinism`) instead of training it."""
+    from backdoor.victims import VictimSpec, get_or_train
+    from studies import STUDY_VICTIM
+
+    cache = tmp_path_factory.mktemp("study-victims")
+    get_or_train(VictimSpec(**STUDY_VICTIM), cache, data=digits, device="cpu", log=lambda m: None)
+    return cache
 
 
 def _free_port() -> int:
@@ -276,7 +247,7 @@ def _mlflow_server_process(tmp_path_factory):
 def mlflow_server(_mlflow_server_process, ray_runtime):
     """(URI, the server's artifact directory) of the test run's MLflow tracking server, shared by
     the studies that record to a server (each to an experiment of its own name). Its users are
-    studies on the test run's Ray: the server starts (seconds) while Ray starts and the default
+    studies on the test run's Ray: the server starts (seconds) while Ray starts and the study
     victim trains, and is waited for only then."""
     proc, uri, d = _mlflow_server_process
     deadline = time.time() + 90

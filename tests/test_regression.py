@@ -9,11 +9,12 @@ import pytest
 import yaml
 
 from helpers import run_cli
+from studies import STUDY_VICTIM
 from study.regression import MEASURES, apply_overrides, compare, main, spec_hash
 from study.spec import SpecError
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = {"name": "reg", "victims": [{"dataset": "digits", "model": "small_cnn"}],
+SPEC = {"name": "reg", "victims": [STUDY_VICTIM],
         "defenses": [{"name": "ft", "config": {"epochs": 4, "samples_per_epoch": 512, "milestones": [3]},
                       "sweep": {"lr": [0.01, 0.02]}}],
         "clean": {"fractions": [0.07], "subset_seeds": [0]}, "resources": {"cpu": 1}, "max_concurrent": 1}
@@ -34,7 +35,7 @@ def baseline(tmp_path_factory, ray_runtime, _empty_mlflow_store):
     rc, out, err = _run(d, "--config", d / "spec.yaml", "--baseline", d / "base.json", "--update-baseline",
                         "--out", d / "run0", cache=ray_runtime)
     assert rc == 0, out[-3000:] + err[-3000:]
-    assert "(cache)" in out   # the test run's default victim
+    assert "(cache)" in out   # the test run's study victim (`ray_runtime`)
     return d
 
 

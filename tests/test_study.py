@@ -1,78 +1,18 @@
 """The study: spec validation, the grid, and real (reduced) studies on local Ray with MLflow:
-failures recorded, child runs = trials, kill-and-resume without duplicates (a pack's members
-recorded together, only what is missing run again)."""
+failures recorded, child runs = trials, a packed study recording what the unpacked one does,
+an Optuna search (kill-and-resume: test_study_resume)."""
 import csv
-import os
 import shutil
-import signal
 import sqlite3
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import results_rows, run_cli
+from helpers import results_rows
 from search_spaces import parse_axis
-from study.packs import group_trials
+from studies import TINY_FT, child_runs, run_study, tiny_spec, write_spec
 from study.sensitivity import main
 from study.spec import SpecError, expand_trials, load_spec, parse_spec
-
-ROOT = Path(__file__).resolve().parents[1]
-VICTIM = {"dataset": "digits", "model": "small_cnn"}   # the default victim: trained once per test run
-TINY_FT = {"epochs": 2, "samples_per_epoch": 64, "milestones": [1]}
-
-
-def _spec(**over):
-    spec = {"name": "tiny", "victims": [VICTIM],
-            "defenses": [{"name": "ft", "config": TINY_FT, "sweep": {"lr": [0.01, 0.05]}}],
-            "clean": {"fractions": [0.02], "subset_seeds": [0]}, "resources": {"cpu": 1},
-            "max_concurrent": 1}   # one trial actor at a time, reused: half the CPU of two fresh ones
-    spec.update(over)
-    return spec
-
-
-def _write(tmp_path, spec) -> Path:
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def _run(tmp_path, cache: Path, *args) -> tuple[int, str]:
-    """`python -m study.sensitivity ARGS --cache-dir CACHE` run in this process on the test run's
-    Ray (the caller holds the `ray_runtime` fixture, which gives CACHE): (exit code, stdout +
-    stderr)."""
-    rc, out, err = run_cli(main, *args, "--cache-dir", cache, cwd=tmp_path)
-    return rc, out + err
-
-
-def _child_runs(db: Path) -> list[tuple]:
-    con = sqlite3.connect(db)
-    try:
-        return con.execute(
-            "select r.run_uuid, r.status, t.value from runs r join tags t on t.run_uuid = r.run_uuid "
-            "where t.key = 'trial_id' and r.lifecycle_stage = 'active'").fetchall()
-    finally:
-        con.close()
-
-
-def _start_and_kill(tmp_path, path: Path, out: Path, db: Path, rows: int, cache: Path, address: str) -> list[dict]:
-    """Start a study as its own process joining the running Ray at `address` (as a driver on a
-    cluster does), SIGKILL it once `rows` trials are recorded (or after 180 s); return the rows
-    recorded by then. Ray stays up and ends the dead driver's trials. Victims from `cache`."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    driver = subprocess.Popen([sys.executable, "-m", "study.sensitivity", "--config", str(path), "--out", str(out),
-                               "--mlflow-uri", f"sqlite:///{db}", "--cache-dir", str(cache), "--address", address],
-                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and (not (out / "results.csv").exists() or len(results_rows(out)) < rows):
-        time.sleep(0.1)
-    os.killpg(driver.pid, signal.SIGKILL)  # mid-study
-    driver.wait()
-    return results_rows(out)
 
 
 # --- axes and grid ----------------------------------------------------------------------------
@@ -85,7 +25,7 @@ def test_axes_expand_linear_log_values_and_integers():
 
 
 def test_grid_size_is_the_product_and_duplicates_count_once():
-    spec = parse_spec(_spec(defenses=[
+    spec = parse_spec(tiny_spec(defenses=[
         {"name": "ft", "config": TINY_FT, "sweep": {"lr": {"linear": [0.002, 0.02, 5]}}},
         {"name": "nft", "sweep": {"lr": [0.05, 0.1], "lam": [0.001, 0.01]}},   # eta 0.001 = default
         {"name": "nft", "sweep": {"lam": [0.001]}},                          # the same trial as lr 0.05 above
@@ -101,7 +41,7 @@ def test_grid_size_is_the_product_and_duplicates_count_once():
 
 
 def test_dry_run_prints_the_grid_and_its_size(tmp_path, capsys):
-    path = _write(tmp_path, _spec(clean={"fractions": [0.02, 0.07], "subset_seeds": [0, 1, 2]}))
+    path = write_spec(tmp_path, tiny_spec(clean={"fractions": [0.02, 0.07], "subset_seeds": [0, 1, 2]}))
     assert main(["--config", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "12 trials" in out and out.count(" ft ") >= 12 and "total 12" in out
@@ -131,7 +71,7 @@ def test_dry_run_prints_the_grid_and_its_size(tmp_path, capsys):
     ({"clean": {"fractions": [0.02], "rule": "stratified"}}, "clean.rule: must be one of"),
 ])
 def test_bad_specs_are_refused_with_exit_code_2_naming_the_field(tmp_path, capsys, change, field):
-    path = _write(tmp_path, _spec(**change))
+    path = write_spec(tmp_path, tiny_spec(**change))
     with pytest.raises(SpecError, match=None) as err:
         load_spec(config=path)
     assert field in str(err.value)
@@ -144,7 +84,7 @@ def test_tracking_uri_and_tune_storage_defaults(tmp_path, monkeypatch):
     from study.runner import tune_storage
     from study.sensitivity import _setup, parse_args
 
-    path = _write(tmp_path, _spec())
+    path = write_spec(tmp_path, tiny_spec())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.5:5000")   # what cluster.yaml sets on the head
     assert _setup(parse_args(["--config", str(path)]))[2]["tracking_uri"] == "http://10.0.0.5:5000"
     assert _setup(parse_args(["--config", str(path), "--mlflow-uri", "sqlite:///x.db"]))[2]["tracking_uri"] == \
@@ -159,11 +99,11 @@ def test_tracking_uri_and_tune_storage_defaults(tmp_path, monkeypatch):
 
 
 def test_recipe_victims_and_the_first_clean_rule_in_a_spec():
-    spec = parse_spec(_spec(victims=[{"recipe": "dhbe-badnets-3x3", "dataset": "digits", "model": "small_cnn"}]))
+    spec = parse_spec(tiny_spec(victims=[{"recipe": "dhbe-badnets-3x3", "dataset": "digits", "model": "small_cnn"}]))
     v = spec.victims[0]
     assert (v.target, v.poison_count, v.model, v.milestones) == (9, 300, "small_cnn", [100, 150])
-    balanced = expand_trials(parse_spec(_spec()))
-    first = expand_trials(parse_spec(_spec(clean={"fractions": [0.02], "subset_seeds": [0], "rule": "first"})))
+    balanced = expand_trials(parse_spec(tiny_spec()))
+    first = expand_trials(parse_spec(tiny_spec(clean={"fractions": [0.02], "subset_seeds": [0], "rule": "first"})))
     assert [t["clean_rule"] for t in first] == ["first", "first"] and balanced[0]["clean_rule"] == "balanced"
     assert {t["trial_id"] for t in first}.isdisjoint(t["trial_id"] for t in balanced)
 
@@ -186,7 +126,7 @@ def test_presets_are_valid_and_quick_has_what_the_quickstart_promises():
 
 # One grid study serves the tests below: FT (one lr diverges) and NC (one target does not exist),
 # at two clean budgets; run as it is, and packed (the packed-study test compares the two).
-GRID = _spec(defenses=[{"name": "ft", "config": TINY_FT, "sweep": {"lr": [0.01, 0.05, 1e30]}},
+GRID = tiny_spec(defenses=[{"name": "ft", "config": TINY_FT, "sweep": {"lr": [0.01, 0.05, 1e30]}},
                        {"name": "nc", "config": {**TINY_FT, "reverse_epochs": 1, "reverse_steps_per_epoch": 1},
                         "sweep": {"target": [0, 99]}}],    # class 99 does not exist: those trials fail
              clean={"fractions": [0.02, 0.05], "subset_seeds": [0]})
@@ -196,9 +136,9 @@ GRID = _spec(defenses=[{"name": "ft", "config": TINY_FT, "sweep": {"lr": [0.01, 
 def grid_study(tmp_path_factory, ray_runtime, _empty_mlflow_store):
     """GRID run unpacked (`--pack 1`): (out, MLflow db, exit code, what it printed)."""
     d = tmp_path_factory.mktemp("grid")
-    path, out, db = _write(d, GRID), d / "out", d / "mlflow.db"
+    path, out, db = write_spec(d, GRID), d / "out", d / "mlflow.db"
     shutil.copyfile(_empty_mlflow_store, db)
-    rc, printed = _run(d, ray_runtime, "--config", path, "--out", out, "--mlflow-uri", f"sqlite:///{db}",
+    rc, printed = run_study(d, ray_runtime, "--config", path, "--out", out, "--mlflow-uri", f"sqlite:///{db}",
                        "--pack", "1")
     return out, db, rc, printed
 
@@ -207,7 +147,7 @@ def grid_study(tmp_path_factory, ray_runtime, _empty_mlflow_store):
 def test_reduced_study_records_every_trial_and_failing_ones_do_not_stop_it(grid_study):
     out, db, rc, printed = grid_study
     assert rc == 1, printed  # some failed
-    assert "(cache)" in printed   # the test run's default victim
+    assert "(cache)" in printed   # the test run's study victim (`ray_runtime`)
     rows = results_rows(out)
     assert len(rows) == 10 and len({r["trial_id"] for r in rows}) == 10
     failed = [r for r in rows if r["status"] == "failed"]
@@ -218,7 +158,7 @@ def test_reduced_study_records_every_trial_and_failing_ones_do_not_stop_it(grid_
     ok = [r for r in rows if r["status"] == "finished"]
     assert all(0 <= float(r["acc"]) <= 100 and r["victim_id"].startswith("digits-small_cnn") for r in ok)
     assert {r["lr"] for r in rows if r["defense"] == "ft"} == {"0.01", "0.05", "1e+30"}
-    children = _child_runs(db)
+    children = child_runs(db)
     assert len(children) == 10 and {c[2] for c in children} == {r["trial_id"] for r in rows}
     assert sorted(c[1] for c in children) == ["FAILED"] * 4 + ["FINISHED"] * 6
     con = sqlite3.connect(db)
@@ -250,9 +190,9 @@ def test_a_packed_study_records_each_member_as_its_unpacked_study_does(tmp_path,
                                                                         mlflow_store):
     """GRID with `pack: 8`: the six FT trials run as one pack (NC cannot be packed: alone), and
     every member keeps its own row, MLflow run and epochs, with the unpacked study's numbers."""
-    path = _write(tmp_path, {**GRID, "pack": 8})
+    path = write_spec(tmp_path, {**GRID, "pack": 8})
     packed, db = tmp_path / "packed", tmp_path / "mlflow.db"
-    rc, printed = _run(tmp_path, ray_runtime, "--config", path, "--out", packed, "--mlflow-uri", mlflow_store(db))
+    rc, printed = run_study(tmp_path, ray_runtime, "--config", path, "--out", packed, "--mlflow-uri", mlflow_store(db))
     assert rc == 1, printed   # the lr 1e30 members diverge, the target-99 NC trials fail
     assert "6 trials in 1 pack(s)" in printed
     rows = {r["trial_id"]: r for r in results_rows(packed)}
@@ -261,7 +201,7 @@ def test_a_packed_study_records_each_member_as_its_unpacked_study_does(tmp_path,
     failed = [r for r in ft.values() if r["status"] == "failed"]
     assert len(failed) == 2 and all(r["lr"] == "1e+30" and "became nan" in r["error"] for r in failed)
     # one MLflow child run per member, failed ones FAILED; per-epoch metrics per finished member
-    children = {c[2]: c[1] for c in _child_runs(db)}
+    children = {c[2]: c[1] for c in child_runs(db)}
     assert sorted(children) == sorted(rows)
     assert sorted(children[t] for t in ft) == ["FAILED"] * 2 + ["FINISHED"] * 4
     epochs = _epochs(packed)
@@ -285,46 +225,14 @@ def _epochs(out) -> list[tuple]:
 
 
 @pytest.mark.slow
-def test_a_killed_study_resumes_only_what_is_missing_without_duplicate_rows_or_runs(tmp_path, ray_cluster,
-                                                                                   ray_runtime, mlflow_store):
-    """A study of packs (FT, two trials each) and single trials (CLP), its driver killed mid-study: a pack's
-    members are recorded together or not at all; the resume runs only the trials not recorded,
-    rewrites nothing recorded, and leaves one FINISHED MLflow run per trial."""
-    spec = _spec(defenses=[{"name": "ft", "config": {**TINY_FT, "epochs": 3, "samples_per_epoch": 512},
-                            "sweep": {"lr": [0.005, 0.01, 0.02, 0.04]}},
-                           {"name": "clp", "sweep": {"u": [2.0, 3.0]}}], pack=2)
-    path = _write(tmp_path, spec)
-    out, db = tmp_path / "out", tmp_path / "mlflow.db"
-    mlflow_store(db)
-    before = _start_and_kill(tmp_path, path, out, db, rows=2, cache=ray_runtime, address=ray_cluster.address)
-    if len(before) >= 6:
-        pytest.skip("the study finished before it could be killed")
-    assert len(before) >= 2, "the study should have recorded two trials before it was killed"
-    recorded = {r["trial_id"] for r in before}
-    units = group_trials(expand_trials(parse_spec(spec)), 2)
-    packs = [{t["trial_id"] for t in u["pack"]} for u in units if "pack" in u]
-    assert len(packs) == 2 and len(units) == 4
-    assert all(p <= recorded or not p & recorded for p in packs), "a pack was recorded in part"
-    rc, printed = _run(tmp_path, ray_runtime, "--resume", out)
-    assert rc == 0, printed
-    assert f"running {6 - len(before)} of 6 trials" in printed
-    rows = results_rows(out)
-    assert len(rows) == 6 and len({r["trial_id"] for r in rows}) == 6
-    assert rows[: len(before)] == before  # nothing recorded was rewritten
-    children = _child_runs(db)
-    assert len(children) == 6 and {c[2] for c in children} == {r["trial_id"] for r in rows}
-    assert all(c[1] == "FINISHED" for c in children)
-
-
-@pytest.mark.slow
 def test_optuna_search_runs_the_space_and_keeps_history_and_pareto_front(tmp_path, ray_runtime, mlflow_store):
     import optuna
 
-    spec = _spec(defenses=[{"name": "ft", "config": TINY_FT, "sweep": {"lr": {"log": [0.001, 0.1, 3]}}}],
+    spec = tiny_spec(defenses=[{"name": "ft", "config": TINY_FT, "sweep": {"lr": {"log": [0.001, 0.1, 3]}}}],
                  clean={"fractions": [0.02, 0.07], "subset_seeds": [0, 1]})
-    path = _write(tmp_path, spec)
+    path = write_spec(tmp_path, spec)
     out = tmp_path / "out"
-    rc, printed = _run(tmp_path, ray_runtime, "--config", path, "--out", out, "--mlflow-uri", mlflow_store(),
+    rc, printed = run_study(tmp_path, ray_runtime, "--config", path, "--out", out, "--mlflow-uri", mlflow_store(),
                        "--search", "optuna", "--num-samples", "3")
     assert rc == 0, printed
     rows = results_rows(out)
@@ -348,23 +256,23 @@ def test_optuna_search_runs_the_space_and_keeps_history_and_pareto_front(tmp_pat
     ({"defenses": []}, "defenses: must be a non-empty list"),
 ])
 def test_empty_required_lists_are_refused_not_replaced_by_defaults(tmp_path, capsys, change, field):
-    path = _write(tmp_path, _spec(**change))
+    path = write_spec(tmp_path, tiny_spec(**change))
     assert main(["--config", str(path), "--out", str(tmp_path / "o")]) == 2
     assert field in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    absent = parse_spec({**{k: v for k, v in _spec().items() if k != "victims"}, "clean": {"fractions": [0.02]}})
-    written_null = parse_spec(_spec(victims=None, clean={"fractions": [0.02], "subset_seeds": None}))
+    absent = parse_spec({**{k: v for k, v in tiny_spec().items() if k != "victims"}, "clean": {"fractions": [0.02]}})
+    written_null = parse_spec(tiny_spec(victims=None, clean={"fractions": [0.02], "subset_seeds": None}))
     for spec in (absent, written_null):   # left out or null: the default victim and subset seed 0
         assert len(spec.victims) == 1 and spec.subset_seeds == [0]
 
 
 def test_a_spec_that_is_not_utf8_and_an_out_that_is_a_file_exit_2_by_name(tmp_path, capsys):
     bad = tmp_path / "latin1.yaml"
-    bad.write_bytes(yaml.safe_dump(_spec(name="caf\u00e9"), allow_unicode=True).encode("latin-1"))
+    bad.write_bytes(yaml.safe_dump(tiny_spec(name="caf\u00e9"), allow_unicode=True).encode("latin-1"))
     assert main(["--config", str(bad), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert f"--config: {str(bad)!r} is not UTF-8 text" in err and "Traceback" not in err
-    path = _write(tmp_path, _spec())
+    path = write_spec(tmp_path, tiny_spec())
     (tmp_path / "taken").write_text("a file")
     for out, said in ((tmp_path / "taken", "is a file"), (tmp_path / "taken" / "sub", "which is a file")):
         assert main(["--config", str(path), "--out", str(out)]) == 2

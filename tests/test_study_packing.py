@@ -1,16 +1,15 @@
 """Packed trials in a study (`pack:` / `--pack`): every member keeps its own results.csv row,
 MLflow child run and per-epoch metrics, with the numbers an unpacked study records; a
 diverging member is its own failed row. The packed studies themselves (numbers as unpacked,
-killed and resumed) are in test_study, beside the unpacked study they compare with."""
-import pytest
-
+killed and resumed) are in test_study, beside the unpacked study they compare with, and in
+test_study_resume."""
+from studies import TINY_FT, tiny_spec, write_spec
 from study.packs import group_trials, pack_key
 from study.spec import expand_trials, parse_spec
-from test_study import TINY_FT, _spec, _write
 
 
 def test_grouping_puts_only_compatible_trials_together_up_to_the_pack_size():
-    spec = parse_spec(_spec(defenses=[
+    spec = parse_spec(tiny_spec(defenses=[
         {"name": "ft", "config": TINY_FT, "sweep": {"lr": [0.01, 0.02, 0.03]}},
         {"name": "ft", "config": {**TINY_FT, "batch_size": 32}, "sweep": {"lr": [0.01, 0.02]}},  # other shapes
         {"name": "anp", "config": {"iterations": 2, "reports": 1}, "sweep": {"threshold": [0.2, 0.3]}},  # unpackable
@@ -30,8 +29,8 @@ def test_grouping_puts_only_compatible_trials_together_up_to_the_pack_size():
 
 def test_bad_pack_values_are_refused_by_name(tmp_path, capsys):
     from study.sensitivity import main
-    path = _write(tmp_path, _spec(pack=0))
+    path = write_spec(tmp_path, tiny_spec(pack=0))
     assert main(["--config", str(path), "--dry-run"]) == 2
     assert "pack:" in capsys.readouterr().err
-    assert main(["--config", str(_write(tmp_path, _spec())), "--dry-run", "--pack", "-1"]) == 2
+    assert main(["--config", str(write_spec(tmp_path, tiny_spec())), "--dry-run", "--pack", "-1"]) == 2
     assert "--pack:" in capsys.readouterr().err
