@@ -199,11 +199,10 @@ def _ensure_worker(cluster) -> None:
 @pytest.fixture
 def two_nodes(ray_cluster):
     """The test run's Ray head plus one live worker node: a new one if an earlier test removed
-    it; a test that removes it gets another one afterwards."""
+    it (the tests that need no second node do not wait for one to start)."""
     _ensure_worker(ray_cluster)
     (worker,) = ray_cluster.worker_nodes
-    yield ray_cluster, worker
-    _ensure_worker(ray_cluster)
+    return ray_cluster, worker
 
 
 @pytest.fixture(scope="session")
@@ -230,14 +229,16 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def _mlflow_server_process(tmp_path_factory):
     """An MLflow tracking server started on 127.0.0.1 (sqlite store, proxied artifacts), its own
-    process: (process, URI, its directory). Not yet answering: see `mlflow_server`."""
+    process: (process, URI, its directory). Not yet answering: see `mlflow_server`. Without its
+    job runner (MLflow's server-side jobs, which studies never use): that is eight more processes,
+    about 9 CPU-seconds taken from the studies at its start."""
     d = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
     with open(d / "mlflow-server.log", "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{d / 'server.db'}", "--artifacts-destination", str(d / "artifacts")],
-            stdout=log, stderr=subprocess.STDOUT)
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log, stderr=subprocess.STDOUT)
     yield proc, f"http://127.0.0.1:{port}", d
     proc.terminate()
     proc.wait(timeout=30)
