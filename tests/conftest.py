@@ -169,8 +169,9 @@ def pytest_runtest_setup(item):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """The test run's Ray, connected to this process: a head and one worker node (separate
-    raylets, one CPU each) on this machine, as a small cluster is. A node that is lost is
+    """The test run's Ray, connected to this process: a head node with one CPU, to which
+    `two_nodes` adds a worker node (a raylet of its own, one CPU) for the tests that need one, as
+    a small cluster is (the others do not wait for its start: about 2 s). A node that is lost is
     declared dead after about 1.5 s (Ray's default health check takes about 15 s). Idle task
     workers are kept (Ray's default kills one a second after it idles beside an actor), so
     each study's victim stage finds a warm worker: ~0.1 s instead of a new process (5-7 s)."""
@@ -182,7 +183,6 @@ def ray_cluster():
         "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
                            "health_check_failure_threshold": 3,
                            "idle_worker_killing_time_threshold_ms": 3_600_000}})
-    cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     yield cluster
@@ -198,8 +198,8 @@ def _ensure_worker(cluster) -> None:
 
 @pytest.fixture
 def two_nodes(ray_cluster):
-    """The test run's Ray head plus one live worker node: a new one if an earlier test removed
-    it (the tests that need no second node do not wait for one to start)."""
+    """The test run's Ray head plus one live worker node: started for the first test that needs
+    it, and again for a test after one that removed it."""
     _ensure_worker(ray_cluster)
     (worker,) = ray_cluster.worker_nodes
     return ray_cluster, worker

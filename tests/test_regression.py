@@ -15,7 +15,7 @@ from study.spec import SpecError
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = {"name": "reg", "victims": [STUDY_VICTIM],
-        "defenses": [{"name": "ft", "config": {"epochs": 4, "samples_per_epoch": 512, "milestones": [3]},
+        "defenses": [{"name": "ft", "config": {"epochs": 2, "samples_per_epoch": 512, "milestones": [1]},
                       "sweep": {"lr": [0.01, 0.02]}}],
         "clean": {"fractions": [0.07], "subset_seeds": [0]}, "resources": {"cpu": 1}, "max_concurrent": 1}
 
