@@ -1,6 +1,7 @@
 """What the tests that run studies on the test run's Ray share: the victim their specs name, tiny
-FT specs, running `study.sensitivity` in this process, and reading what a study recorded
-(its MLflow child runs, in a local store or on a server)."""
+FT specs, running `study.sensitivity` and `study.regression` in this process, and reading what a
+study recorded (its MLflow child runs, in a local store or on a server)."""
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -13,6 +14,11 @@ from helpers import run_cli
 # study loads it.
 STUDY_VICTIM = {"dataset": "digits", "model": "small_cnn", "epochs": 10}
 TINY_FT = {"epochs": 2, "samples_per_epoch": 64, "milestones": [1]}
+# The regression tests' pinned study: two FT trials that remove most of the backdoor.
+REGRESSION_SPEC = {"name": "reg", "victims": [STUDY_VICTIM],
+                   "defenses": [{"name": "ft", "config": {"epochs": 2, "samples_per_epoch": 512, "milestones": [1]},
+                                 "sweep": {"lr": [0.01, 0.02]}}],
+                   "clean": {"fractions": [0.07], "subset_seeds": [0]}, "resources": {"cpu": 1}, "max_concurrent": 1}
 
 
 def tiny_spec(**over) -> dict:
@@ -68,3 +74,25 @@ def server_runs(uri: str, name: str):
     (parent,) = client.search_runs([exp.experiment_id], "tags.kind = 'study'")
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     return client, parent, children
+
+
+def run_regression(cwd: Path, *args, cache: Path | None = None) -> tuple[int, str, str]:
+    """One regression run (`python -m study.regression ARGS`) in this process, recording to
+    `cwd`/mlflow.db, on the test run's Ray when a study runs, victims from `cache`: (exit code,
+    stdout, stderr)."""
+    from study.regression import main
+
+    return run_cli(main, *args, "--mlflow-uri", f"sqlite:///{cwd / 'mlflow.db'}",
+                   *(("--cache-dir", cache) if cache else ()), cwd=cwd)
+
+
+def regression_baseline(d: Path, cache: Path, empty_store: Path) -> Path:
+    """REGRESSION_SPEC written to `d`/spec.yaml and run once as `--update-baseline` (into
+    `d`/base.json, study in `d`/run0, MLflow in a copy of `empty_store`); returns `d`."""
+    (d / "spec.yaml").write_text(yaml.safe_dump(REGRESSION_SPEC))
+    shutil.copyfile(empty_store, d / "mlflow.db")   # the module's runs share one store
+    rc, out, err = run_regression(d, "--config", d / "spec.yaml", "--baseline", d / "base.json", "--update-baseline",
+                                  "--out", d / "run0", cache=cache)
+    assert rc == 0, out[-3000:] + err[-3000:]
+    assert "(cache)" in out   # the test run's study victim (`ray_runtime`)
+    return d

@@ -1,6 +1,6 @@
 """The study: spec validation, the grid, and real (reduced) studies on local Ray with MLflow:
-failures recorded, child runs = trials, a packed study recording what the unpacked one does,
-an Optuna search (kill-and-resume: test_study_resume)."""
+failures recorded, child runs = trials, a packed study recording what the unpacked one does
+(kill-and-resume: test_study_resume; an Optuna search: test_study_optuna)."""
 import csv
 import shutil
 import sqlite3
@@ -127,9 +127,9 @@ def test_presets_are_valid_and_quick_has_what_the_quickstart_promises():
 # One grid study serves the tests below: FT (one lr diverges) and NC (one target does not exist),
 # at two clean budgets; run as it is, and packed (the packed-study test compares the two).
 GRID = tiny_spec(defenses=[{"name": "ft", "config": TINY_FT, "sweep": {"lr": [0.01, 0.05, 1e30]}},
-                       {"name": "nc", "config": {**TINY_FT, "reverse_epochs": 1, "reverse_steps_per_epoch": 1},
-                        "sweep": {"target": [0, 99]}}],    # class 99 does not exist: those trials fail
-             clean={"fractions": [0.02, 0.05], "subset_seeds": [0]})
+                           {"name": "nc", "config": {**TINY_FT, "reverse_epochs": 1, "reverse_steps_per_epoch": 1},
+                            "sweep": {"target": [0, 99]}}],    # class 99 does not exist: those trials fail
+                 clean={"fractions": [0.02, 0.05], "subset_seeds": [0]})
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def grid_study(tmp_path_factory, ray_runtime, _empty_mlflow_store):
     path, out, db = write_spec(d, GRID), d / "out", d / "mlflow.db"
     shutil.copyfile(_empty_mlflow_store, db)
     rc, printed = run_study(d, ray_runtime, "--config", path, "--out", out, "--mlflow-uri", f"sqlite:///{db}",
-                       "--pack", "1")
+                            "--pack", "1")
     return out, db, rc, printed
 
 
@@ -222,27 +222,6 @@ def test_a_packed_study_records_each_member_as_its_unpacked_study_does(tmp_path,
 def _epochs(out) -> list[tuple]:
     with open(out / "epochs.csv", newline="") as f:
         return [(e["trial_id"], e["epoch"], e["acc"], e["asr"], e["weight_drift"]) for e in csv.DictReader(f)]
-
-
-@pytest.mark.slow
-def test_optuna_search_runs_the_space_and_keeps_history_and_pareto_front(tmp_path, ray_runtime, mlflow_store):
-    import optuna
-
-    spec = tiny_spec(defenses=[{"name": "ft", "config": TINY_FT, "sweep": {"lr": {"log": [0.001, 0.1, 3]}}}],
-                 clean={"fractions": [0.02, 0.07], "subset_seeds": [0, 1]})
-    path = write_spec(tmp_path, spec)
-    out = tmp_path / "out"
-    rc, printed = run_study(tmp_path, ray_runtime, "--config", path, "--out", out, "--mlflow-uri", mlflow_store(),
-                       "--search", "optuna", "--num-samples", "3")
-    assert rc == 0, printed
-    rows = results_rows(out)
-    assert len(rows) == 3 and all(0.001 <= float(r["lr"]) <= 0.1 for r in rows)
-    study = optuna.load_study(study_name="tiny-v0-d0-ft", storage=f"sqlite:///{out / 'optuna.db'}")
-    assert len(study.trials) == 3 and study.directions[1] == optuna.study.StudyDirection.MINIMIZE
-    with open(out / "pareto.csv", newline="") as f:
-        front = list(csv.DictReader(f))
-    assert front and {r["trial_id"] for r in front} <= {r["trial_id"] for r in rows}
-    assert "pareto ft" in printed
 
 
 # --- clean failures: exit 2 naming the file or field, no traceback -------------------------------
