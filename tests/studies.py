@@ -89,9 +89,9 @@ def run_regression(cwd: Path, *args, cache: Path | None = None) -> tuple[int, st
 def regression_baseline(d: Path, cache: Path, empty_store: Path) -> Path:
     """REGRESSION_SPEC written to `d`/spec.yaml and run once as `--update-baseline` (into
     `d`/base.json, study in `d`/run0, MLflow in a copy of `empty_store`); returns `d`."""
-    (d / "spec.yaml").write_text(yaml.safe_dump(REGRESSION_SPEC))
+    spec = write_spec(d, REGRESSION_SPEC)
     shutil.copyfile(empty_store, d / "mlflow.db")   # the module's runs share one store
-    rc, out, err = run_regression(d, "--config", d / "spec.yaml", "--baseline", d / "base.json", "--update-baseline",
+    rc, out, err = run_regression(d, "--config", spec, "--baseline", d / "base.json", "--update-baseline",
                                   "--out", d / "run0", cache=cache)
     assert rc == 0, out[-3000:] + err[-3000:]
     assert "(cache)" in out   # the test run's study victim (`ray_runtime`)

@@ -10,9 +10,8 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from helpers import results_rows, run_cli
-from studies import ft_spec, server_runs, write_spec
-from study.sensitivity import main
+from helpers import results_rows
+from studies import ft_spec, run_study, server_runs, write_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,9 +74,7 @@ def test_study_runs_trials_on_both_nodes_and_records_them_on_the_mlflow_server(t
     (uri, artifacts), (cluster, worker) = mlflow_server, two_nodes
     spec = ft_spec("cluster", {"epochs": 2, "samples_per_epoch": 256, "milestones": [1]}, [0.005, 0.01, 0.02, 0.04])
     path = write_spec(tmp_path, spec)
-    rc, out, err = run_cli(main, "--config", path, "--out", tmp_path / "out", "--mlflow-uri", uri,
-                           "--cache-dir", ray_runtime, cwd=tmp_path)
-    out_text = out + err
+    rc, out_text = run_study(tmp_path, ray_runtime, "--config", path, "--out", tmp_path / "out", "--mlflow-uri", uri)
     assert rc == 0, out_text[-4000:]
     assert "Ray: 2 node(s), 2 CPUs" in out_text
     rows = results_rows(tmp_path / "out")

@@ -5,9 +5,8 @@ import threading
 
 import pytest
 
-from helpers import results_rows, run_cli
-from studies import ft_spec, server_runs, write_spec
-from study.sensitivity import main
+from helpers import results_rows
+from studies import ft_spec, run_study, server_runs, write_spec
 
 
 def _lose_node(cluster, node) -> None:
@@ -72,9 +71,7 @@ def test_a_worker_node_killed_mid_study_follows_the_failure_policy(tmp_path, mlf
     reported, study_over = _first_epoch_from(worker, monkeypatch), threading.Event()
     killer = threading.Thread(target=_lose_node_when, args=(reported, cluster, worker, study_over), daemon=True)
     killer.start()
-    rc, out, err = run_cli(main, "--config", path, "--out", tmp_path / "out", "--mlflow-uri", uri,
-                           "--cache-dir", ray_runtime, cwd=tmp_path)
-    out_text = out + err
+    rc, out_text = run_study(tmp_path, ray_runtime, "--config", path, "--out", tmp_path / "out", "--mlflow-uri", uri)
     study_over.set()
     killer.join(timeout=30)
     assert not cluster.worker_nodes, "the worker node was not lost"
