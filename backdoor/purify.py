@@ -15,30 +15,35 @@ is used only by the evaluation callback. Prints a JSON summary; progress goes to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from .data import CLEAN_RULES, ImageSet, clean_subset
+from .checkpoint import EXIT_INCOMPLETE, Checkpoint, Deadline, Incomplete
+from .data import CLEAN_RULES, ImageSet, clean_subset, default_cache_dir
 from .defenses import DEFENSES, Defense, DefenseDiverged, build_defense
 from .diagnostics import is_diagnostic, mask_trigger_correlation, masks_of, trigger_response, weight_drift
 from .metrics import correct_mask, evaluate
+from .runtime import PRECISIONS, precision
 from .victims import Victim, VictimSpec, get_or_train
 
 
 def run_defense(victim: Victim, defense: str | Defense, defense_config: dict | None = None, *,
                 clean_fraction: float | None = None, shots: int | None = None, subset_seed: int = 0,
                 clean_rule: str = "balanced", seed: int = 0, log=print, on_metrics=None,
-                evaluate_epoch=None, diagnostics: bool = True) -> dict:
+                evaluate_epoch=None, diagnostics: bool = True, checkpoint: Checkpoint | None = None) -> dict:
     """Purify `victim` with one defence (a name plus config overrides, or a built `Defense`)
     and return before/after metrics, history and timing. `on_metrics(epoch, metrics)` gets
     every evaluated epoch's ACC / ASR and diagnostics (a study streams them to Ray Tune).
     `clean_rule`: how the clean subset is drawn (`backdoor.data.clean_subset`).
     `evaluate_epoch(epoch)`: whether to evaluate after that epoch (default: every epoch); the
     last epoch is always evaluated. `diagnostics`: record `backdoor.diagnostics` per epoch, the
-    defence's own and the evaluation side's (which may use the test set and the trigger)."""
+    defence's own and the evaluation side's (which may use the test set and the trigger).
+    `checkpoint`: continue a cut run and save progress (`Defense.purify`; NFT and DHBE)."""
     if isinstance(defense, str):
         defense = build_defense(defense, defense_config)
     if victim.attack.known_target is not None:  # NC's known-target protocol (all-to-all has no one target)
@@ -67,7 +72,7 @@ def run_defense(victim: Victim, defense: str | Defense, defense_config: dict | N
 
     result = defense.purify(victim.model, data, device=victim.splits.test.device,
                             image_shape=victim.splits.image_shape, augment=victim.splits.augment,
-                            on_epoch=on_epoch, seed=seed, diagnostics=diagnostics)
+                            on_epoch=on_epoch, seed=seed, diagnostics=diagnostics, checkpoint=checkpoint)
     last = result.history[-1] if result.history else {}
     after = last if "acc" in last else evaluate(result.model, victim.splits.test, victim.attack,
                                                 reference_correct=reference)
@@ -75,6 +80,18 @@ def run_defense(victim: Victim, defense: str | Defense, defense_config: dict | N
             "before": before, "after": {k: after[k] for k in before},
             "diagnostics": {k: v for k, v in last.items() if is_diagnostic(k)},
             "seconds": result.info["seconds"], "info": result.info, "history": result.history}
+
+
+def defense_checkpoint(victim: Victim, defense: Defense, cache_dir, *, job: str, clean: dict, seed: int,
+                       precision: str, deadline: Deadline | None = None, log=print) -> Checkpoint:
+    """The checkpoint of one defence run on `victim` (`<cache_dir>/checkpoints/<job>-<defence>-<victim
+    id>.pt`): continued only while the defence's config, clean data, seed, device and precision match."""
+    device = victim.splits.test.device
+    key = {"job": job, "victim_id": victim.victim_id, "defense": defense.name,
+           "config": dataclasses.asdict(defense.config), "clean": clean, "seed": seed, "device": device.type,
+           "precision": precision}
+    return Checkpoint(Path(cache_dir) / "checkpoints" / f"{job}-{defense.name}-{victim.victim_id}.pt", key,
+                      what=f"{job} {defense.name}", deadline=deadline, log=log)
 
 
 def victim_before(victim: Victim) -> tuple[torch.Tensor, dict]:
@@ -144,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None, help="victim cache (default: $BACKDOOR_CACHE/victims)")
     p.add_argument("--device", default="auto")
     p.add_argument("--history", action="store_true", help="include the per-epoch history in the JSON")
+    p.add_argument("--precision", default="bf16", choices=list(PRECISIONS),
+                   help="the defence's arithmetic on CUDA: bf16 autocast (default) or fp32 (as the NFT and DHBE "
+                        "reference code); the CPU always runs fp32")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop cleanly before this many seconds (exit 3); victim training, NFT and DHBE checkpoint "
+                        "into the cache and the same command continues them (other defences start again)")
     a = p.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:
@@ -160,11 +183,25 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--victim: must be a JSON object of VictimSpec fields, got {a.victim!r}")
         spec = VictimSpec.from_dict({**d.to_dict(), **victim_fields})
         spec.validate()
-        victim = get_or_train(spec, a.cache_dir, data_root=a.data_root, device=a.device, log=log)
+        deadline = Deadline(a.time_limit) if a.time_limit is not None else None
+        cache_dir = a.cache_dir if a.cache_dir is not None else default_cache_dir() / "victims"
+        victim = get_or_train(spec, cache_dir, data_root=a.data_root, device=a.device, log=log, deadline=deadline)
+        if victim.attack.known_target is not None:  # as run_defense does: NC's known target is part of the key
+            defense = defense.with_known_target(victim.attack.known_target)
+        clean = {"fraction": a.clean_fraction, "shots": a.shots, "subset_seed": a.subset_seed, "rule": a.clean_rule}
+        checkpoint = defense_checkpoint(victim, defense, cache_dir, job="purify", clean=clean, seed=a.seed,
+                                        precision=a.precision, deadline=deadline, log=log)
         t0 = time.perf_counter()
-        out = run_defense(victim, defense, clean_fraction=a.clean_fraction, shots=a.shots,
-                          subset_seed=a.subset_seed, clean_rule=a.clean_rule, seed=a.seed, log=log)
+        with precision(a.precision):
+            out = run_defense(victim, defense, clean_fraction=a.clean_fraction, shots=a.shots,
+                              subset_seed=a.subset_seed, clean_rule=a.clean_rule, seed=a.seed, log=log,
+                              checkpoint=checkpoint)
+        checkpoint.clear()
         out["wall_seconds"] = time.perf_counter() - t0
+        out["precision"] = a.precision
+    except Incomplete as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_INCOMPLETE
     except DefenseDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

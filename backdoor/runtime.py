@@ -2,12 +2,16 @@
 
 On CUDA, loops run under bf16 autocast with channels_last models and inputs; on the CPU
 they run in plain fp32. Keeping the choice here means no loop decides it by itself.
+`precision("fp32")` turns autocast off on CUDA too for the work inside it (the NFT and DHBE
+reference code runs in fp32; the fidelity rows default to it).
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import random
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -21,10 +25,31 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
+PRECISIONS = ("bf16", "fp32")
+_PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("precision", default="bf16")
+
+
+@contextlib.contextmanager
+def precision(mode: str) -> Iterator[None]:
+    """Run the enclosed work at `mode`: "bf16" (autocast on CUDA, the default) or "fp32"."""
+    if mode not in PRECISIONS:
+        raise ValueError(f"--precision: must be one of {list(PRECISIONS)}, got {mode!r}")
+    token = _PRECISION.set(mode)
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)
+
+
+def current_precision(device: torch.device) -> str:
+    """What `autocast` gives on `device` now: "bf16" only on CUDA outside `precision("fp32")`."""
+    return "bf16" if device.type == "cuda" and _PRECISION.get() == "bf16" else "fp32"
+
+
 def autocast(device: torch.device, cache: bool = True):
-    """bf16 autocast on CUDA, a no-op elsewhere. `cache=False` inside CUDA-graph capture
-    (autocast's weight-cast cache must not outlive the captured region)."""
-    if device.type == "cuda":
+    """bf16 autocast on CUDA (unless inside `precision("fp32")`), a no-op elsewhere. `cache=False`
+    inside CUDA-graph capture (autocast's weight-cast cache must not outlive the captured region)."""
+    if current_precision(device) == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 

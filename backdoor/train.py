@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import Checkpoint, rng_state, set_rng_state
 from .data import Augment, ImageSet, batches
 from .runtime import autocast, device_generator, memory_format
 
@@ -82,10 +83,14 @@ def lr_factor(schedule: str, step: int, total: int, *, steps_per_epoch: int = 1,
 
 
 def train_classifier(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, augment: Augment | None = None,
-                     seed: int = 0, on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
+                     seed: int = 0, on_epoch: Callable[[int, float], None] | None = None,
+                     checkpoint: Checkpoint | None = None) -> list[float]:
     """Train `model` (already on `data`'s device) with cross-entropy; returns per-epoch mean loss.
 
     `on_epoch(epoch, mean_loss)` is called after every epoch (progress, evaluation).
+    `checkpoint`: continue from its saved state (weights, optimiser, lr schedule, epoch, RNG
+    states) if it holds one, and tick it after every epoch (`backdoor.checkpoint`: it may save
+    and raise `Incomplete` there).
     """
     cfg.validate()
     device = data.device
@@ -99,9 +104,22 @@ def train_classifier(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, augm
     fmt = memory_format(device)
     # compiling pays off only where Python launch overhead limits the step (CUDA); eval uses the eager model
     net = torch.compile(model, mode=cfg.compile) if cfg.compile and device.type == "cuda" else model
-    history = []
+    history: list[float] = []
+    start = 0
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["schedule"])
+        set_rng_state(saved["rng"], gen)
+        start, history = int(saved["epoch"]), list(saved["history"])
+
+    def snapshot() -> dict:
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+                "rng": rng_state(gen), "epoch": epoch + 1, "history": list(history)}
+
     model.train()
-    for epoch in range(cfg.epochs):
+    for epoch in range(start, cfg.epochs):
         loss_sum = torch.zeros((), device=device)
         for x, y in batches(data, cfg.batch_size, generator=gen, augment=augment, drop_last=drop_last):
             with autocast(device):
@@ -117,5 +135,7 @@ def train_classifier(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, augm
         history.append(mean_loss)
         if on_epoch is not None:
             on_epoch(epoch + 1, mean_loss)
+        if checkpoint is not None:
+            checkpoint.tick(epoch + 1, cfg.epochs, snapshot)
     model.eval()
     return history

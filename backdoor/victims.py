@@ -24,6 +24,7 @@ from torch import nn
 
 from . import __version__
 from .attacks import ATTACKS, TARGET_MODES, Attack, attack_parameters, build_attack
+from .checkpoint import EXIT_INCOMPLETE, Checkpoint, Deadline, Incomplete
 from .data import DATASETS, DatasetSplits, default_cache_dir, load_dataset
 from .determinism import one_thread
 from .metrics import evaluate
@@ -246,7 +247,7 @@ def clean_reference(spec: VictimSpec) -> VictimSpec:
 
 def get_or_train(spec: VictimSpec, cache_dir: str | os.PathLike | None = None, *, data: DatasetSplits | None = None,
                  data_root=None, download: bool = False, device=None, compile: str | None = None,
-                 log=print) -> Victim:
+                 log=print, deadline: Deadline | None = None) -> Victim:
     """Load the victim for `spec` from `cache_dir`, or train, evaluate and cache it.
 
     `data` reuses already loaded splits (they must be the spec's dataset). `compile` is a
@@ -254,6 +255,9 @@ def get_or_train(spec: VictimSpec, cache_dir: str | os.PathLike | None = None, *
     model is returned in eval mode on `device`, and its data splits on the same device.
     On the CPU a victim trains on one thread, so its weights do not depend on the process that
     trains it (a Ray task, a driver, another core count; `backdoor.determinism`).
+    Training checkpoints into `cache_dir/checkpoints/` every few minutes and, with a `deadline`,
+    may stop there with `backdoor.checkpoint.Incomplete`; the same call continues it (bit-identical
+    on the CPU).
     """
     spec.validate()
     if data is not None and data.name != spec.dataset:
@@ -275,14 +279,17 @@ def get_or_train(spec: VictimSpec, cache_dir: str | os.PathLike | None = None, *
         return Victim(spec, victim_id, model, attack, splits, meta["metrics"], True, meta.get("train_seconds", 0.0))
 
     with one_thread() if device.type == "cpu" else contextlib.nullcontext():
-        return _train(spec, victim_id, cache_dir, splits, attack, device, compile, log)
+        return _train(spec, victim_id, cache_dir, splits, attack, device, compile, log, deadline)
 
 
 def _train(spec: VictimSpec, victim_id: str, cache_dir: Path, splits: DatasetSplits, attack: Attack,
-           device: torch.device, compile: str | None, log) -> Victim:
+           device: torch.device, compile: str | None, log, deadline: Deadline | None) -> Victim:
     """Train, evaluate and cache the victim `get_or_train` did not find."""
+    if deadline is not None:
+        deadline.check(f"victim {victim_id}")
     if attack.needs_reference and not spec.is_clean:
-        reference = get_or_train(clean_reference(spec), cache_dir, data=splits, device=device, compile=compile, log=log)
+        reference = get_or_train(clean_reference(spec), cache_dir, data=splits, device=device, compile=compile, log=log,
+                                 deadline=deadline)
         log(f"victim {victim_id}: building the {spec.attack} poison on the clean model {reference.victim_id}")
         attack.prepare(reference.model, splits.train, seed=spec.seed)
     if spec.is_clean:
@@ -303,9 +310,17 @@ def _train(spec: VictimSpec, victim_id: str, cache_dir: Path, splits: DatasetSpl
             log(f"  epoch {epoch}/{spec.epochs} loss {loss:.4f} ({time.perf_counter() - t0:.1f} s)")
 
     cfg = dataclasses.replace(spec.train_config(), compile=compile)
-    train_classifier(model, poisoned, cfg, augment=splits.augment, seed=spec.seed, on_epoch=progress)
+    # progress is saved every few minutes (and at a deadline); the poisoned set's identity is part of the
+    # key, so a checkpoint of another poisoning is never continued
+    poison_digest = hashlib.sha256(poisoned_index.cpu().numpy().tobytes()).hexdigest()[:16]
+    checkpoint = Checkpoint(cache_dir / "checkpoints" / f"{victim_id}.pt", what=f"victim {victim_id}",
+                            key={"job": "victim", "victim_id": victim_id, "spec": spec.to_dict(),
+                                 "poisoned": poison_digest, "device": device.type},
+                            deadline=deadline, log=log)
+    train_classifier(model, poisoned, cfg, augment=splits.augment, seed=spec.seed, on_epoch=progress,
+                     checkpoint=checkpoint)
     metrics = evaluate(model, splits.test, attack)
-    seconds = time.perf_counter() - t0
+    seconds = checkpoint.seconds()
     log(f"victim {victim_id}: ACC {metrics['acc']:.2f}%  ASR {metrics['asr']:.2f}%  ({seconds:.1f} s)")
 
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -319,6 +334,7 @@ def _train(spec: VictimSpec, victim_id: str, cache_dir: Path, splits: DatasetSpl
             "attack_params": attack.params(), "poisoned_images": len(poisoned_index), "library_version": __version__, "torch_version": torch.__version__,
             "device": str(device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     _atomic_write(cache_dir / f"{victim_id}.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+    checkpoint.clear()
     return Victim(spec, victim_id, model.eval(), attack, splits, metrics, False, seconds)
 
 
@@ -389,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile the training forward (CUDA only)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop cleanly before this many seconds (exit 3), checkpointing into the cache; the same "
+                        "command continues")
     a = p.parse_args(argv)
     given = {k: v for k, v in vars(a).items() if v is not None and k in {f.name for f in dataclasses.fields(VictimSpec)}}
     try:
@@ -403,10 +422,15 @@ def main(argv: list[str] | None = None) -> int:
             spec = paper_victim(a.preset, **given)
         else:
             spec = VictimSpec.from_dict({**d.to_dict(), **given})
+        deadline = Deadline(a.time_limit) if a.time_limit is not None else None
         t0 = time.perf_counter()
         victim = get_or_train(spec, a.cache_dir, data_root=a.data_root, download=a.download, device=a.device,
-                              compile=a.compile, log=lambda m: print(m, file=sys.stderr, flush=True))
+                              compile=a.compile, log=lambda m: print(m, file=sys.stderr, flush=True),
+                              deadline=deadline)
         wall = time.perf_counter() - t0
+    except Incomplete as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_INCOMPLETE
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..checkpoint import Checkpoint
 from ..data import Augment, ImageSet
 from ..runtime import prepare_model, resolve_device
 
@@ -106,6 +107,8 @@ class Defense:
     Config: ClassVar[type]
     needs_clean_data: ClassVar[bool] = True
     diagnose: bool = True  # record the defence-side diagnostics (`backdoor.diagnostics`); set per purify call
+    resumable: ClassVar[bool] = False  # `_purify` continues from and ticks `self.checkpoint` (NFT, DHBE)
+    checkpoint: Checkpoint | None = None  # set per purify call
 
     def __init__(self, config: Any | None = None, **overrides: Any):
         cfg = config if config is not None else self.Config()
@@ -127,7 +130,8 @@ class Defense:
 
     def purify(self, model: nn.Module, clean_subset: ImageSet | None, *, device: str | torch.device | None = None,
                image_shape: tuple[int, int, int] | None = None, augment: Augment | None = None,
-               on_epoch: EpochCallback | None = None, seed: int = 0, diagnostics: bool = True) -> DefenseResult:
+               on_epoch: EpochCallback | None = None, seed: int = 0, diagnostics: bool = True,
+               checkpoint: Checkpoint | None = None) -> DefenseResult:
         """Purify a copy of `model` (the argument is not modified).
 
         `clean_subset`: the defender's clean images (never the test set), or `None` for a
@@ -135,7 +139,10 @@ class Defense:
         needed by data-free defences (taken from the clean subset otherwise). `augment`: the
         dataset's crop/flip (defaults to the paper's). `on_epoch`: see `EpochCallback`.
         `diagnostics`: record the defence-side diagnostics per epoch (they never change the
-        result; off only to measure their cost).
+        result; off only to measure their cost). `checkpoint`: a resumable defence (`resumable`)
+        continues from it and saves into it at epoch boundaries, where its deadline may stop it
+        (`backdoor.checkpoint.Incomplete`); any other defence only checks the deadline before it
+        starts (cut, it starts again next time).
         """
         if self.needs_clean_data:
             if clean_subset is None or len(clean_subset) == 0:
@@ -152,11 +159,19 @@ class Defense:
         work = prepare_model(copy.deepcopy(model), device)
         data = clean_subset.to(device) if clean_subset is not None else None
         self.diagnose = diagnostics
+        self.checkpoint = checkpoint if self.resumable else None
+        if checkpoint is not None and checkpoint.deadline is not None:
+            checkpoint.deadline.check(checkpoint.what)
         t0 = time.perf_counter()
-        result = self._purify(work, data, device=device, image_shape=tuple(image_shape), augment=augment,
-                              on_epoch=on_epoch, seed=seed)
+        try:
+            result = self._purify(work, data, device=device, image_shape=tuple(image_shape), augment=augment,
+                                  on_epoch=on_epoch, seed=seed)
+        finally:
+            self.checkpoint = None
         result.info.setdefault("defense", self.name)
-        result.info["seconds"] = time.perf_counter() - t0
+        # over every process of a continued run
+        result.info["seconds"] = time.perf_counter() - t0 + (checkpoint.previous_seconds if self.resumable and checkpoint
+                                                             else 0.0)
         result.info["config"] = dataclasses.asdict(self.config)
         result.model.eval()
         return result

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import rng_state, set_rng_state
 from ..data import Augment, ImageSet
 from ..diagnostics import bn_drift, bn_stats_frozen, label_summary, update_ratio
 from ..models import Normalize
@@ -186,6 +187,7 @@ class DHBE(Defense):
     name = "dhbe"
     Config = DHBEConfig
     needs_clean_data = False
+    resumable = True  # checkpoint after every epoch: student, generators, optimisers, iteration, RNG
 
     def _purify(self, model: nn.Module, clean_subset: ImageSet | None, *, device: torch.device,
                 image_shape, augment: Augment | None, on_epoch: EpochCallback | None, seed: int) -> DefenseResult:
@@ -214,6 +216,7 @@ class DHBE(Defense):
         rng = device_generator(device, seed)
         n = cfg.student_steps
         noise = torch.empty(2 * n + 3, cfg.batch_size, cfg.noise_dim, device=device)
+        host = None
         if execution == "eager":
             host = random.Random(seed)
             paste = lambda x, patch, where: paste_patch(x, patch, *where)  # noqa: E731
@@ -245,10 +248,27 @@ class DHBE(Defense):
         probe = (torch.randn(cfg.batch_size, cfg.noise_dim, device=device, generator=device_generator(device, seed + 1))
                  if self.diagnose else None)
         history: list[dict] = []
-        step = 0
+        step = first_epoch = 0
         factor = None
+        host_rng = host  # eager only: the patch positions drawn on the host
+        saved = self.checkpoint.load() if self.checkpoint is not None else None
+        if saved is not None:  # loaded before any graph is captured: the next call captures afresh
+            for module, key in ((student, "student"), (gen_x, "generator"), (gen_p, "trigger_generator")):
+                module.load_state_dict(saved[key])
+            for opt, key in ((opt_s, "opt_student"), (opt_g, "opt_generator"), (opt_p, "opt_trigger")):
+                opt.load_state_dict(saved[key])
+            set_rng_state(saved["rng"], rng, host=host_rng)
+            step, first_epoch, history = int(saved["iterations"]), int(saved["epoch"]), list(saved["history"])
+
+        def snapshot() -> dict:
+            return {"student": student.state_dict(), "generator": gen_x.state_dict(),
+                    "trigger_generator": gen_p.state_dict(), "opt_student": opt_s.state_dict(),
+                    "opt_generator": opt_g.state_dict(), "opt_trigger": opt_p.state_dict(),
+                    "rng": rng_state(rng, host=host_rng), "iterations": step, "epoch": epoch + 1,
+                    "history": list(history)}
+
         student.train(cfg.student_train_mode)
-        for epoch in range(cfg.epochs):
+        for epoch in range(first_epoch, cfg.epochs):
             if cfg.lr_factor(epoch) != factor:
                 factor = cfg.lr_factor(epoch)
                 for opt, base in base_lrs:
@@ -266,6 +286,8 @@ class DHBE(Defense):
                 record.update(_diagnose(iteration, probe, opt_s))
             report_epoch(history, epoch + 1, student, on_epoch, record)
             student.train(cfg.student_train_mode)
+            if self.checkpoint is not None:
+                self.checkpoint.tick(epoch + 1, cfg.epochs, snapshot)
 
         info = {"iterations": step, "epochs": cfg.epochs, "iters_per_epoch": cfg.iters_per_epoch,
                 "paper_iterations": PAPER_EPOCHS * PAPER_ITERS_PER_EPOCH,

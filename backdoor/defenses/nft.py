@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import rng_state, set_rng_state
 from ..data import Augment, ImageSet, sample_batches, to_float
 from ..diagnostics import mask_summary, masks_of
 from ..runtime import autocast, device_generator, memory_format
@@ -75,6 +76,7 @@ class NFT(Defense):
     name = "nft"
     Config = NFTConfig
     needs_clean_data = True
+    resumable = True  # checkpoint after every round: masks, BN statistics, optimiser, step, RNG
 
     def _purify(self, model: nn.Module, clean_subset: ImageSet | None, *, device: torch.device,
                 image_shape, augment: Augment | None, on_epoch: EpochCallback | None, seed: int) -> DefenseResult:
@@ -102,8 +104,21 @@ class NFT(Defense):
         per_round[-1] += cfg.steps % cfg.rounds
 
         history: list[dict] = []
-        step = 0
+        step = first_round = 0
+        saved = self.checkpoint.load() if self.checkpoint is not None else None
+        if saved is not None:  # the masked model's state holds the masks and the BN running statistics
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            set_rng_state(saved["rng"], gen)
+            step, first_round, history = int(saved["step"]), int(saved["round"]), list(saved["history"])
+
+        def snapshot() -> dict:
+            return {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(gen),
+                    "step": step, "round": r + 1, "history": list(history)}
+
         for r, n_steps in enumerate(per_round):
+            if r < first_round:
+                continue
             lr = cfg.round_lr(r)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -130,6 +145,8 @@ class NFT(Defense):
             if self.diagnose:
                 record.update(mask_summary(masks_of(model)))
             report_epoch(history, r + 1, model, on_epoch, record)
+            if self.checkpoint is not None:
+                self.checkpoint.tick(r + 1, cfg.rounds, snapshot)
 
         purified = fold_masks(model)
         for p in purified.parameters():

@@ -6,15 +6,21 @@ import json
 import sys
 from pathlib import Path
 
+from backdoor.runtime import PRECISIONS
+
 from . import PRESETS, ROWS, Settings, run_fidelity
+from .report import write_report
 from .rows import defense_config, victim_spec
 from .run import check_settings
 
 EPILOG = "rows:\n" + "\n".join(f"  {r.id:18s} {r.source}: {r.note}" for r in ROWS.values()) + """
 
 Exit code 0: the selected rows are recorded (whatever their verdicts); 1: a row failed (recorded as
-failed, the other rows ran); 2: bad input (the message names the flag). Rows already in OUT/fidelity.json
-are skipped: run it again to resume, or row by row with --rows.
+failed, the other rows ran); 2: bad input (the message names the flag); 3: stopped by --time-limit
+("incomplete": run the same command again to continue; victim training, DHBE and NFT continue from
+their checkpoints in the cache, FT / FP / NAD start their row again). Rows already in OUT/fidelity.json
+are skipped: run it again to resume, or row by row with --rows. At --schedule-scale 1 each finished
+row is also written to OUT/rows/ROW.json: copy those into docs/fidelity/ and run --report docs/fidelity.
 """
 
 
@@ -42,6 +48,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nft-model", default=None, choices=["resnet18", "preact_resnet18"],
                    help="network of the NFT rows' victims (default resnet18, as NFT's reference code)")
     p.add_argument("--mlflow-uri", default=None, help="also log each row as an MLflow run (if MLflow is installed)")
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help="the defences' arithmetic on CUDA: fp32 (default: as the NFT and DHBE reference code) or bf16 "
+                        "autocast (faster); victims always train with bf16 autocast on CUDA; the CPU runs fp32")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop cleanly before this many seconds from the start (exit 3), progress checkpointed")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="run nothing: regenerate DIR/README.md from the full-scale row files DIR/*.json")
     p.add_argument("--force", action="store_true", help="run the selected rows even if already recorded")
     p.add_argument("--dry-run", action="store_true", help="print what each row would run; run nothing")
     return p.parse_args(argv)
@@ -55,9 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(preset=a.preset, rows=names, data_root=a.data_root, dataset=a.dataset, out=out,
                         cache_dir=a.cache_dir, device=a.device, schedule_scale=a.schedule_scale,
                         eval_every=a.eval_every, compile=None if a.compile == "none" else a.compile,
-                        nft_model=a.nft_model, mlflow_uri=a.mlflow_uri, force=a.force)
+                        nft_model=a.nft_model, mlflow_uri=a.mlflow_uri, force=a.force, time_limit=a.time_limit,
+                        precision=a.precision)
     log = lambda m: print(m, flush=True)  # noqa: E731
     try:
+        if a.report is not None:
+            log(f"wrote {write_report(Path(a.report))}")
+            return 0
         if names == []:
             raise ValueError(f"--rows: no row name in {' '.join(a.rows)!r}; see --help for the rows")
         if a.dry_run:
@@ -81,6 +98,8 @@ def dry_run(settings: Settings, log) -> int:
         log(f"      {row.defense} {json.dumps(defense_config(row, settings.preset, settings.schedule_scale))}"
             + (f", clean {row.clean_fraction:g} ({row.clean_rule})" if row.clean_fraction else ", data-free")
             + f"; paper {row.paper_before} -> {row.paper_after}")
+        if row.schedule_source:
+            log(f"      schedule: {row.schedule_source}")
     return 0
 
 

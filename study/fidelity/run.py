@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -20,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from backdoor.data import DatasetSplits, load_dataset
-from backdoor.defenses import DEFENSES
-from backdoor.purify import run_defense
-from backdoor.runtime import resolve_device
+from backdoor.checkpoint import EXIT_INCOMPLETE, INCOMPLETE_MESSAGE, Checkpoint, Deadline, Incomplete
+from backdoor.data import DatasetSplits, default_cache_dir, load_dataset
+from backdoor.defenses import DEFENSES, build_defense
+from backdoor.purify import defense_checkpoint, run_defense
+from backdoor.runtime import PRECISIONS, precision, resolve_device
 from backdoor.victims import Victim, get_or_train
 
 from ..spec import output_dir
@@ -53,6 +55,8 @@ class Settings:
     nft_model: str | None = None     # NFT rows: "preact_resnet18" (the paper's table) instead of resnet18
     mlflow_uri: str | None = None
     force: bool = False
+    time_limit: float | None = None  # seconds: stop cleanly before it (exit 3); the same command continues
+    precision: str = "fp32"          # the defences' arithmetic on CUDA (fp32: as the NFT / DHBE reference code)
 
 
 def resolve_dataset(settings: Settings) -> tuple[str, str]:
@@ -91,7 +95,8 @@ def load_state(out: Path, header: dict) -> dict:
                             "another --out") from err
     if not isinstance(state, dict) or not isinstance(state.get("rows"), dict):
         raise FidelityError(f"--out: {str(path)!r} is not a fidelity.json (no rows); use another --out")
-    for key in ("preset", "schedule_scale", "dataset", "nft_model"):
+    state.setdefault("precision", "bf16")  # written before --precision existed: every run was bf16
+    for key in ("preset", "schedule_scale", "dataset", "nft_model", "precision"):
         if state.get(key) != header[key]:
             raise FidelityError(f"--out: {str(out)!r} holds rows with {key} {state.get(key)!r}, this run has "
                                 f"{header[key]!r}; use another --out to keep both")
@@ -179,15 +184,23 @@ def check_settings(settings: Settings) -> tuple[list[Row], str, str]:
         raise FidelityError(f"--schedule-scale: must be in (0, 1], got {settings.schedule_scale}")
     if settings.eval_every < 0:
         raise FidelityError(f"--eval-every: must be >= 0, got {settings.eval_every}")
+    if settings.time_limit is not None and not settings.time_limit > 0:
+        raise FidelityError(f"--time-limit: must be > 0 seconds, got {settings.time_limit}")
+    if settings.precision not in PRECISIONS:
+        raise FidelityError(f"--precision: must be one of {list(PRECISIONS)}, got {settings.precision!r}")
     return rows, *resolve_dataset(settings)
 
 
-def run_fidelity(settings: Settings, log=print) -> int:
-    """Run the selected rows; returns the exit code (0 done, 1 a row failed)."""
+def run_fidelity(settings: Settings, log=print, deadline: Deadline | None = None) -> int:
+    """Run the selected rows; returns the exit code (0 done, 1 a row failed, 3 stopped by the time
+    limit: the same command continues). `deadline` overrides `settings.time_limit`."""
     rows, dataset, data_text = check_settings(settings)
     device = resolve_device(settings.device)
+    if deadline is None and settings.time_limit is not None:
+        deadline = Deadline(settings.time_limit)
     header = {"preset": settings.preset, "preset_description": PRESETS[settings.preset], "dataset": dataset,
-              "data": data_text, "schedule_scale": settings.schedule_scale, "nft_model": settings.nft_model}
+              "data": data_text, "schedule_scale": settings.schedule_scale, "nft_model": settings.nft_model,
+              "precision": settings.precision}
     out = Path(settings.out)
     state = load_state(out, header)
     state.update(header)
@@ -196,26 +209,32 @@ def run_fidelity(settings: Settings, log=print) -> int:
     compile_mode = settings.compile
     if compile_mode == "auto":
         compile_mode = "reduce-overhead" if device.type == "cuda" else None
-    splits_cache: dict[tuple, DatasetSplits] = {}
-    victims: dict[str, Victim] = {}
+    context = _Context(settings, dataset, device, compile_mode, deadline, log)
     failed = 0
     log(f"fidelity: preset {settings.preset}, {data_text}, device {_device_name(device)}, schedule scale "
-        f"{settings.schedule_scale:g}, {len(rows)} row(s) -> {out}")
+        f"{settings.schedule_scale:g}, precision {settings.precision}, {len(rows)} row(s) -> {out}"
+        + (f", time limit {settings.time_limit:g} s" if deadline is not None else ""))
 
     for row in rows:
         if row.id in state["rows"] and not settings.force:
             log(f"row {row.id}: already in {out / 'fidelity.json'} ({state['rows'][row.id]['verdict']}), skipped")
             continue
         t0 = time.perf_counter()
+        checkpoint = None
         try:
             if row.defense is None:
                 missing = [r for r in row.derived_from if r not in state["rows"]]
                 if missing:
                     raise RuntimeError(f"needs rows {missing}, which did not finish")
                 rec = {"row": row.id, "preset": settings.preset, "schedule_scale": settings.schedule_scale,
-                       **judge_amplified(row, state["rows"])}
+                       **judge_amplified(row, state["rows"]), **_provenance(device, settings)}
             else:
-                rec = _run_row(row, settings, dataset, device, compile_mode, splits_cache, victims, log)
+                rec, checkpoint = _run_row(row, context)
+        except Incomplete as stop:  # progress is in the checkpoints; the rows recorded so far stay recorded
+            save_state(out, state)
+            log(f"row {row.id}: {stop}")
+            log(f"fidelity: {len(state['rows'])} row(s) recorded in {out / 'fidelity.json'}; {INCOMPLETE_MESSAGE}")
+            return EXIT_INCOMPLETE
         except (KeyboardInterrupt, FidelityError):
             raise
         except Exception as err:  # noqa: BLE001 - a failed row is recorded; the other rows still run
@@ -229,6 +248,11 @@ def run_fidelity(settings: Settings, log=print) -> int:
         state["rows"][row.id] = rec
         state["failed"].pop(row.id, None)
         save_state(out, state)
+        if settings.schedule_scale == 1:  # full-schedule rows also as one file each, for docs/fidelity/
+            (out / "rows").mkdir(exist_ok=True)
+            _write(out / "rows" / f"{row.id}.json", json.dumps(rec, indent=2, default=str))
+        if checkpoint is not None:
+            checkpoint.clear()
         tracker.row(rec, out)
         why = "; ".join(rec["reasons"])
         log(f"row {row.id}: {rec['verdict'].upper()}{' - ' + why if why else ''} ({rec['wall_seconds']:.0f} s)")
@@ -238,43 +262,96 @@ def run_fidelity(settings: Settings, log=print) -> int:
     return 1 if failed else 0
 
 
-def _victim(row: Row, settings: Settings, dataset: str, device, compile_mode, splits_cache, victims, log) -> Victim:
-    spec = victim_spec(row, settings.preset, dataset, settings.schedule_scale, settings.nft_model)
-    key = json.dumps(spec.to_dict(), sort_keys=True)
-    if key not in victims:
-        split_key = (spec.dataset, spec.pool_fraction, spec.split_seed, spec.image_size)
-        if split_key not in splits_cache:
-            log(f"loading {spec.dataset} (defender pool {spec.pool_fraction or 'default'}) ...")
-            splits_cache[split_key] = load_dataset(spec.dataset, settings.data_root, pool_fraction=spec.pool_fraction,
-                                                   split_seed=spec.split_seed, image_size=spec.image_size)
-        victims[key] = get_or_train(spec, settings.cache_dir, data=splits_cache[split_key], device=device,
-                                    compile=compile_mode, log=log)
-    return victims[key]
+@dataclass
+class _Context:
+    """What every row of one run shares: settings, device, deadline, loaded data and victims."""
+
+    settings: Settings
+    dataset: str
+    device: torch.device
+    compile_mode: str | None
+    deadline: Deadline | None
+    log: object
+    splits: dict = dataclasses.field(default_factory=dict)
+    victims: dict = dataclasses.field(default_factory=dict)
+    trained: set = dataclasses.field(default_factory=set)  # victims whose training time a row has counted
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.settings.cache_dir) if self.settings.cache_dir is not None else default_cache_dir() / "victims"
+
+    def victim(self, row: Row) -> Victim:
+        s = self.settings
+        spec = victim_spec(row, s.preset, self.dataset, s.schedule_scale, s.nft_model)
+        key = json.dumps(spec.to_dict(), sort_keys=True)
+        if key not in self.victims:
+            split_key = (spec.dataset, spec.pool_fraction, spec.split_seed, spec.image_size)
+            if split_key not in self.splits:
+                self.log(f"loading {spec.dataset} (defender pool {spec.pool_fraction or 'default'}) ...")
+                self.splits[split_key] = load_dataset(spec.dataset, s.data_root, pool_fraction=spec.pool_fraction,
+                                                      split_seed=spec.split_seed, image_size=spec.image_size)
+            self.victims[key] = get_or_train(spec, self.cache_dir, data=self.splits[split_key], device=self.device,
+                                             compile=self.compile_mode, log=self.log, deadline=self.deadline)
+        return self.victims[key]
 
 
-def _run_row(row: Row, settings: Settings, dataset: str, device, compile_mode, splits_cache, victims, log) -> dict:
-    victim = _victim(row, settings, dataset, device, compile_mode, splits_cache, victims, log)
+def _commit() -> str:
+    """The code's commit: $BACKDOOR_COMMIT if set (a copy without .git), else git's HEAD (+ "-dirty")."""
+    if os.environ.get("BACKDOOR_COMMIT"):
+        return os.environ["BACKDOOR_COMMIT"]
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def _provenance(device: torch.device, settings: Settings) -> dict:
+    return {"device": _device_name(device), "torch": torch.__version__, "python": sys.version.split()[0],
+            "precision": settings.precision, "commit": _commit(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _run_row(row: Row, ctx: _Context) -> tuple[dict, Checkpoint]:
+    settings = ctx.settings
+    victim = ctx.victim(row)
     config = defense_config(row, settings.preset, settings.schedule_scale)
-    log(f"row {row.id}: {row.defense} {json.dumps(config)} on victim {victim.victim_id} "
-        f"(ACC {victim.metrics['acc']:.2f}%, ASR {victim.metrics['asr']:.2f}%)"
-        + (f", clean {row.clean_fraction:g} ({row.clean_rule})" if row.clean_fraction else ", no data"))
-    out = run_defense(victim, row.defense, config, clean_fraction=row.clean_fraction, clean_rule=row.clean_rule,
-                      log=log, evaluate_epoch=_evaluate_epochs(settings, row, config))
+    defense = build_defense(row.defense, config)
+    if victim.attack.known_target is not None:
+        defense = defense.with_known_target(victim.attack.known_target)
+    ctx.log(f"row {row.id}: {row.defense} {json.dumps(config)} on victim {victim.victim_id} "
+            f"(ACC {victim.metrics['acc']:.2f}%, ASR {victim.metrics['asr']:.2f}%)"
+            + (f", clean {row.clean_fraction:g} ({row.clean_rule})" if row.clean_fraction else ", no data"))
+    checkpoint = defense_checkpoint(victim, defense, ctx.cache_dir, job=f"fidelity-{row.id}",
+                                    clean={"fraction": row.clean_fraction, "rule": row.clean_rule},
+                                    seed=0, precision=settings.precision, deadline=ctx.deadline, log=ctx.log)
+    with precision(settings.precision):
+        out = run_defense(victim, defense, clean_fraction=row.clean_fraction, clean_rule=row.clean_rule, log=ctx.log,
+                          evaluate_epoch=_evaluate_epochs(settings, row, config), checkpoint=checkpoint)
     before = {k: out["before"][k] for k in KEPT_METRICS if k in out["before"]}
     after = {k: out["after"][k] for k in KEPT_METRICS if k in out["after"]}
-    history = [{k: h[k] for k in ("epoch", "acc", row.asr_metric) if k in h} for h in out["history"] if "acc" in h]
-    return {"row": row.id, "preset": settings.preset, "schedule_scale": settings.schedule_scale,
-            "source": row.source, "defense": row.defense, "config": out["info"]["config"],
-            "config_overrides": config, "clean_fraction": row.clean_fraction, "clean_rule": row.clean_rule,
-            "clean_images": out["clean_images"], "asr_metric": row.asr_metric,
-            "paper_before": row.paper_before, "paper_after": row.paper_after, "before": before, "after": after,
-            **judge(row, before, after), "history": history, "seconds": out["seconds"],
-            "info": {k: v for k, v in out["info"].items() if k not in ("config", "mask_bounds")},
-            "victim": {"recipe": row.victim, "victim_id": victim.victim_id, "spec": victim.spec.to_dict(),
-                       "metrics": victim.metrics, "from_cache": victim.from_cache,
-                       "train_seconds": victim.train_seconds},
-            "device": _device_name(device), "torch": torch.__version__, "python": sys.version.split()[0],
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    kept = ("epoch", "steps", "iterations", "acc", "asr", row.asr_metric)
+    history = [{k: h[k] for k in kept if k in h} for h in out["history"] if "acc" in h]
+    trained = 0.0  # the victim's training counts towards the first row that used it (and trained it)
+    if not victim.from_cache and victim.victim_id not in ctx.trained:
+        ctx.trained.add(victim.victim_id)
+        trained = victim.train_seconds
+    rec = {"row": row.id, "preset": settings.preset, "schedule_scale": settings.schedule_scale,
+           "source": row.source, "schedule_source": row.schedule_source, "defense": row.defense,
+           "config": out["info"]["config"], "config_overrides": config, "clean_fraction": row.clean_fraction,
+           "clean_rule": row.clean_rule, "clean_images": out["clean_images"], "asr_metric": row.asr_metric,
+           "paper_before": row.paper_before, "paper_after": row.paper_after, "before": before, "after": after,
+           **judge(row, before, after), "history": history, "seconds": out["seconds"],
+           "work_seconds": out["seconds"] + trained,
+           "info": {k: v for k, v in out["info"].items() if k not in ("config", "mask_bounds")},
+           "victim": {"recipe": row.victim, "victim_id": victim.victim_id, "spec": victim.spec.to_dict(),
+                      "metrics": victim.metrics, "from_cache": victim.from_cache,
+                      "train_seconds": victim.train_seconds},
+           **_provenance(ctx.device, settings)}
+    return rec, checkpoint
 
 
-__all__ = ["FidelityError", "ROWS", "Settings", "check_settings", "run_fidelity"]
+__all__ = ["EXIT_INCOMPLETE", "FidelityError", "ROWS", "Settings", "check_settings", "run_fidelity"]

@@ -65,22 +65,38 @@ def _pair(values) -> str:
 
 def render_markdown(state: dict) -> str:
     """`fidelity.md`: the header (preset, data, device, scale), the verdict table, the reasons,
-    the amplified-trigger table, the victims, and the rows not measured yet."""
-    rows = state["rows"]
+    the amplified-trigger table, NFT's ASR against steps, the victims, the rows not measured yet."""
     scale = state["schedule_scale"]
     lines = [
         "# Fidelity: the seeds' headline rows re-measured",
         "",
         f"Preset `{state['preset']}` ({state['preset_description']}); data: {state['data']}; schedule scale "
-        f"{scale:g}{' (SHORTENED schedules: not the papers protocol)' if scale != 1 else ''}; last update "
-        f"{state.get('updated', '-')}.",
+        f"{scale:g}{' (SHORTENED schedules: not the papers protocol)' if scale != 1 else ''}; precision "
+        f"{state.get('precision', 'bf16')}; last update {state.get('updated', '-')}.",
         "",
-        "ACC / ASR in %. A row is *reproduced* when our ASR after the defence is within "
+        RULE,
+        "",
+    ]
+    lines += table_sections(state["rows"])
+    timing = [(rid, rec) for rid, rec in state["rows"].items() if "seconds" in rec]
+    if timing:
+        lines += ["", "## Time per row (defence only)", "",
+                  ", ".join(f"`{rid}` {rec['seconds']:.0f} s" for rid, rec in timing)]
+    lines += not_measured(state["rows"], state.get("failed", {}))
+    return "\n".join(lines) + "\n"
+
+
+RULE = ("ACC / ASR in %. A row is *reproduced* when our ASR after the defence is within "
         f"{ASR_TOLERANCE:g} points of the paper's (or both are <= {BOTH_SAFE:g}%) and our ACC drop is within "
         f"{ACC_DROP_TOLERANCE:g} points of the paper's drop. Drops are compared, not accuracies: our CIFAR-10 is "
         "the JPEG copy (about 2 points lower clean accuracy) and our victims train on 95% of the training set "
-        "(5% is the defender's pool).",
-        "",
+        "(5% is the defender's pool).")
+
+
+def table_sections(rows: dict) -> list[str]:
+    """The verdict table, the reasons, the amplified-trigger table, NFT's ASR against steps and
+    the victims, for the recorded `rows` (row id -> record)."""
+    lines = [
         "| row | source | defence | paper before | paper after | ours before | ours after | ASR after - paper | "
         "ACC drop (paper) | scale | device | verdict |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -109,6 +125,7 @@ def render_markdown(state: dict) -> str:
         for defense, cells in amp["amplified"].items():
             fmt = lambda key: " / ".join("-" if c[key] is None else f"{c[key]:.2f}" for c in cells)  # noqa: E731
             lines.append(f"| {defense} | {fmt('paper')} | {fmt('ours')} |")
+    lines += asr_against_steps(rows)
     victims = {rec["victim"]["victim_id"]: rec["victim"] for rec in rows.values() if "victim" in rec}
     if victims:
         lines += ["", "## Victims", "", "| recipe | victim id | epochs | ACC | ASR | ASR (Eq. 9) | trained in |",
@@ -118,15 +135,32 @@ def render_markdown(state: dict) -> str:
             took = "cache" if v["from_cache"] and not v.get("train_seconds") else f"{v['train_seconds']:.0f} s"
             lines.append(f"| {v['recipe']} | {vid} | {v['spec']['epochs']} | {m['acc']:.2f} | {m['asr']:.2f} | "
                          f"{m['asr_eq9']:.2f} | {took} |")
-    timing = [(rid, rec) for rid, rec in rows.items() if "seconds" in rec]
-    if timing:
-        lines += ["", "## Time per row (defence only)", "",
-                  ", ".join(f"`{rid}` {rec['seconds']:.0f} s" for rid, rec in timing)]
+    return lines
+
+
+def asr_against_steps(rows: dict) -> list[str]:
+    """NFT rows: ACC / ASR at every evaluated round, against the optimiser steps done, with the
+    source of each row's schedule (the two NFT schedules disagree by 20x)."""
+    nft = [(rid, rows[rid]) for rid, row in ROWS.items() if row.defense == "nft" and rid in rows]
+    if not nft:
+        return []
+    lines = ["", "## NFT: ASR against steps", ""]
+    for rid, rec in nft:
+        lines.append(f"- `{rid}`: schedule from {ROWS[rid].schedule_source or 'the defaults'}.")
+    lines += ["", "| row | steps: ACC / ASR |", "| --- | --- |"]
+    for rid, rec in nft:
+        cells = [f"{h.get('steps', h['epoch'])}: {h['acc']:.2f} / {h[ROWS[rid].asr_metric]:.2f}"
+                 for h in rec.get("history", []) if "acc" in h and ROWS[rid].asr_metric in h]
+        lines.append(f"| {rid} | {'; '.join(cells) or '-'} |")
+    return lines
+
+
+def not_measured(rows: dict, failed: dict) -> list[str]:
     missing = [rid for rid in ROWS if rid not in rows]
-    failed = state.get("failed", {})
-    if missing:
-        lines += ["", "## Not measured yet", ""]
-        for rid in missing:
-            why = f": failed ({failed[rid]['error']})" if rid in failed else ""
-            lines.append(f"- `{rid}` ({ROWS[rid].source}){why}")
-    return "\n".join(lines) + "\n"
+    if not missing:
+        return []
+    lines = ["", "## Not measured yet", ""]
+    for rid in missing:
+        why = f": failed ({failed[rid]['error']})" if rid in failed else ""
+        lines.append(f"- `{rid}` ({ROWS[rid].source}){why}")
+    return lines
