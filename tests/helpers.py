@@ -1,6 +1,6 @@
 """Small builders the tests share: a seeded random model, random images, a state copy, a victim
-with fewer test images, `run_cli` (a command's `main` run in the test process) and
-`results_rows` (a study's rows)."""
+with fewer test images, `run_cli` (a command's `main` run in the test process), `results_rows`
+(a study's rows) and `StopAfter` (a deadline that cuts work at a chosen checkpoint)."""
 import contextlib
 import csv
 import dataclasses
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from backdoor.checkpoint import Deadline
 from backdoor.data import ImageSet
 from backdoor.models import MODELS, build_model
 
@@ -62,3 +63,15 @@ def results_rows(out: Path) -> list[dict]:
     """The rows of a study's `results.csv` in `out`, as strings."""
     with open(out / "results.csv", newline="") as f:
         return list(csv.DictReader(f))
+
+
+class StopAfter(Deadline):
+    """A deadline that stops at the boundary after this process's `units`-th unit (an epoch, a
+    round): a cut at a chosen checkpoint, whatever the machine's speed."""
+
+    def __init__(self, units: int):
+        super().__init__(3600)
+        self.stop_at = units
+
+    def should_stop(self) -> bool:
+        return self.units >= self.stop_at

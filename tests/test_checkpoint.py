@@ -2,6 +2,9 @@
 bit-identical weights and numbers to an uncut run (victim, NFT, DHBE; a second cut inside the
 continuation too), `--time-limit` exits 3 with its message, and a checkpoint that does not
 match its job or cannot be read is set aside with a warning, never loaded."""
+import contextlib
+import io
+import json
 import random
 
 import pytest
@@ -12,23 +15,12 @@ from backdoor.data import clean_subset
 from backdoor.defenses import build_defense
 from backdoor.metrics import evaluate
 from backdoor.victims import VictimSpec, get_or_train
+from helpers import StopAfter
 
 QUIET = lambda m: None  # noqa: E731
 SPEC = VictimSpec(epochs=5)
 NFT = {"steps": 40, "rounds": 4, "batch_size": 32}
 DHBE = {"epochs": 4, "iters_per_epoch": 2, "batch_size": 16, "ngf": 8, "generator_size": 3}
-
-
-class StopAfter(Deadline):
-    """A deadline that stops at the boundary after this process's `units`-th unit: a cut at a
-    chosen checkpoint, whatever the machine's speed."""
-
-    def __init__(self, units: int):
-        super().__init__(3600)
-        self.stop_at = units
-
-    def should_stop(self) -> bool:
-        return self.units >= self.stop_at
 
 
 class Clock:
@@ -164,3 +156,52 @@ def test_a_defence_cut_twice_and_continued_equals_an_uncut_one(small_victim, tmp
     assert continued.history == uncut.history  # losses, lr, diagnostics and ACC / ASR of every epoch
     state, reference = continued.model.state_dict(), uncut.model.state_dict()
     assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in state)
+
+
+def _cli(main, argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_the_victim_and_purify_clis_exit_3_and_the_same_command_continues(tmp_path):
+    """`--time-limit 0.01`: one epoch or round per process, exit 3 with the message, until exit 0 with
+    the JSON an uncut run prints (the timings aside)."""
+    from backdoor.purify import main as purify
+    from backdoor.victims import main as victims
+
+    victim_args = ["--epochs", "2", "--cache-dir", str(tmp_path / "cut")]
+    codes = [_cli(victims, [*victim_args, "--time-limit", "0.01"]) for _ in range(2)]
+    assert [c for c, _, _ in codes] == [3, 0]
+    assert "stopped by the time limit after 1 of 2; incomplete: run the same command again to continue" in codes[0][2]
+    cut = json.loads(codes[1][1])
+    uncut = json.loads(_cli(victims, ["--epochs", "2", "--cache-dir", str(tmp_path / "uncut")])[1])
+    assert cut["metrics"] == uncut["metrics"] and cut["victim_id"] == uncut["victim_id"]
+
+    args = ["--victim", '{"epochs": 2}', "--defense", "nft", "--shots", "5", "--defense-config",
+            '{"steps": 20, "rounds": 2, "batch_size": 16}', "--history"]
+    codes = []
+    while not codes or codes[-1][0] == 3:
+        codes.append(_cli(purify, [*args, "--cache-dir", str(tmp_path / "cut"), "--time-limit", "0.01"]))
+        assert len(codes) < 5, codes[-1][2]
+    assert [c for c, _, _ in codes] == [3, 0]  # the victim cached above; NFT round 1 (cut), then round 2
+    assert all("incomplete: run the same command again to continue" in e for _, _, e in codes[:-1])
+    cut = json.loads(codes[-1][1])
+    code, text, _ = _cli(purify, [*args, "--cache-dir", str(tmp_path / "uncut")])
+    uncut = json.loads(text)
+    assert code == 0 and cut["precision"] == "bf16"
+    for key in ("before", "after", "history", "diagnostics", "clean_images"):
+        assert cut[key] == uncut[key], key
+
+
+def test_precision_switches_autocast_off_for_the_work_inside_it():
+    from backdoor.runtime import current_precision, precision
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert current_precision(cuda) == "bf16" and current_precision(cpu) == "fp32"
+    with precision("fp32"):
+        assert current_precision(cuda) == "fp32"
+    assert current_precision(cuda) == "bf16"
+    with pytest.raises(ValueError, match="--precision: must be one of"), precision("fp16"):
+        pass

@@ -108,3 +108,34 @@ def test_a_pack_on_cuda_matches_its_unpacked_trials_up_to_rounding():
             if w.is_floating_point():
                 a, b = got[k].float().cpu(), w.float().cpu()   # a member splits back to the CPU
                 assert float((a - b).norm()) <= 0.05 * float(b.norm()) + 1e-3, k
+
+
+def test_fp32_precision_turns_autocast_off_on_cuda():
+    from backdoor.runtime import autocast, precision
+
+    dev = torch.device("cuda")
+    a = torch.randn(8, 8, device=dev)
+    with autocast(dev):
+        assert (a @ a).dtype == torch.bfloat16
+    with precision("fp32"), autocast(dev):
+        assert (a @ a).dtype == torch.float32
+
+
+def test_dhbe_graph_path_continues_from_a_checkpoint(tmp_path):
+    """Cut after one epoch and continued: the CUDA graph is captured again on load and the run
+    completes with every epoch recorded (the graph path's draws after a recapture need not equal
+    an uncut run's, so equality is checked on the CPU only)."""
+    from backdoor.checkpoint import Checkpoint, Incomplete
+    from backdoor.defenses import DHBE
+    from helpers import StopAfter
+
+    dev = torch.device("cuda")
+    victim = build_model("resnet18", 10, 3, [0.5] * 3, [0.25] * 3)
+    config = dict(epochs=3, iters_per_epoch=6, batch_size=16, ngf=8, generator_size=3, execution="graph")
+    make = lambda deadline=None: Checkpoint(tmp_path / "d.pt", config, what="dhbe", deadline=deadline,  # noqa: E731
+                                            log=lambda m: None)
+    with pytest.raises(Incomplete):
+        DHBE(**config).purify(victim, None, device=dev, image_shape=(3, 32, 32), checkpoint=make(StopAfter(1)))
+    result = DHBE(**config).purify(victim, None, device=dev, image_shape=(3, 32, 32), checkpoint=make())
+    assert [h["epoch"] for h in result.history] == [1, 2, 3] and result.info["graph_captures"] >= 1
+    assert all(torch.isfinite(torch.tensor(h["loss_student"])) for h in result.history)

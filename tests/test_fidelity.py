@@ -70,7 +70,7 @@ def test_resume_skips_recorded_rows_and_reruns_failed_ones(tiny, tmp_path, capsy
     real = run.run_defense
 
     def flaky(victim, defense, *a, **k):
-        if defense == "nft":
+        if defense.name == "nft":
             raise RuntimeError("out of memory (simulated)")
         return real(victim, defense, *a, **k)
     monkeypatch.setattr(run, "run_defense", flaky)

@@ -8,7 +8,9 @@ implementations reproduce them.
 
 - `rows`: the table as data (paper numbers, victim recipe, defence protocol) and the presets.
 - `verdict`: the verdict rule and `fidelity.md`.
-- `run`: victims -> defences -> `fidelity.json` (the resume state) + `fidelity.md`.
+- `run`: victims -> defences -> `fidelity.json` (the resume state) + `fidelity.md` (+ `rows/ROW.json`
+  at full scale); `--time-limit` stops cleanly (exit 3) and the same command continues.
+- `report`: `--report docs/fidelity`: the committed table and GPU runbook from the full-scale row files.
 
 Needs torch, torchvision, numpy, scipy and scikit-learn only: no Ray, Optuna or MLflow (MLflow
 is used when `--mlflow-uri` is given and it imports).

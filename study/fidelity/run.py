@@ -213,7 +213,7 @@ def run_fidelity(settings: Settings, log=print, deadline: Deadline | None = None
     failed = 0
     log(f"fidelity: preset {settings.preset}, {data_text}, device {_device_name(device)}, schedule scale "
         f"{settings.schedule_scale:g}, precision {settings.precision}, {len(rows)} row(s) -> {out}"
-        + (f", time limit {settings.time_limit:g} s" if deadline is not None else ""))
+        + (f", time limit {deadline.seconds:g} s" if deadline is not None else ""))
 
     for row in rows:
         if row.id in state["rows"] and not settings.force:
