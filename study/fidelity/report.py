@@ -93,16 +93,16 @@ def runbook(rows: dict[str, dict]) -> list[str]:
         "H100 / H200). Each group's rows share one victim, trained first and cached.", "",
         "**What the machine needs**: the project (or its source with `safetensors` and `PyYAML` importable), "
         "torch with CUDA, and CIFAR-10 as the JPEG image folder (`train/<class>/*.jpg`, `test/<class>/*.jpg`). "
-        "If everything must be carried to the machine in under 64 MiB: the image folder as an uncompressed "
-        "zip is about 58 MB, wheels of safetensors and PyYAML about 1 MB.", "",
+        "Where everything must be carried to the machine (a 64 MiB limit, say), carry the image folder as a "
+        "zip without compression (JPEGs do not compress further) and the wheels of safetensors and PyYAML.", "",
         f"**Each command** runs at most 9.5 minutes: `--time-limit {RUN_LIMIT}` stops it cleanly (exit 3, "
         "\"incomplete: run the same command again to continue\") with its progress checkpointed in the cache "
         "(`$BACKDOOR_CACHE/victims/checkpoints/`). Run the same command again until it exits 0. Victim training, "
         "DHBE and NFT continue where they stopped (on the CPU bit for bit; on CUDA up to the nondeterminism of "
         "its kernels); FT, FP and NAD (seconds each) start their row again. The limit counts from the program's "
-        "start, so unzipping the data before it is outside the limit. The checkpoints are large (a ResNet-18 "
-        "victim's is about 85 MiB: weights and momentum), so continue on the same machine, or carry the cache "
-        "along.", "",
+        "start, so unzipping the data before it is outside the limit. The checkpoints are large (a CIFAR "
+        "ResNet-18's weights and SGD momentum take 85.3 MiB as saved: measured 2026-12-02 with `torch.save`), "
+        "so continue on the same machine, or carry the cache along.", "",
         "```bash",
         "unzip -q -o cifar10.zip -d /tmp/cifar10          # once per machine: /tmp/cifar10/train, /tmp/cifar10/test",
         "export BACKDOOR_CACHE=$PWD/runs/cache             # victims and checkpoints: keep it between commands",
