@@ -8,6 +8,7 @@ evaluation on a 10,000-image test set.
     python benchmarks/defense_speed.py --model small_cnn --channels 1 --image-size 16
     python benchmarks/defense_speed.py --skip nft --skip dhbe --baselines ft fp   # some baselines only
     python benchmarks/defense_speed.py --skip nft --baselines --dhbe-execution eager graph   # DHBE paths only
+    python benchmarks/defense_speed.py --baselines --dhbe-execution graph --precision bf16 fp32  # both precisions
 
 DHBE is timed once per execution path (`--dhbe-execution`; default eager and device, plus
 graph on CUDA): the same iteration, host-side patch positions (eager), device-side positions
@@ -34,7 +35,7 @@ from backdoor.attacks import BadNets
 from backdoor.defenses import DHBE, NFT, build_defense
 from backdoor.metrics import evaluate
 from backdoor.models import build_model
-from backdoor.runtime import resolve_device
+from backdoor.runtime import PRECISIONS, current_precision, precision, resolve_device
 
 NFT_FULL_STEPS, DHBE_FULL_ITERATIONS = 1000, 15_000
 WARM_UP = {"anp": {"iterations": 5, "reports": 1},  # a short run of each baseline before timing it on CUDA
@@ -76,10 +77,14 @@ def main() -> None:
                    help="baselines to run with their full default schedule (none: skip)")
     p.add_argument("--baseline-images", type=int, default=2000, help="clean subset size for the baselines")
     p.add_argument("--test-images", type=int, default=10_000, help="test set for FT's final evaluation")
+    p.add_argument("--precision", nargs="+", default=["bf16"], choices=list(PRECISIONS),
+                   help="time NFT and DHBE at each (bf16 autocast, or fp32 as the reference code; CUDA only differs)")
     p.add_argument("--device", default="auto")
     a = p.parse_args()
     device = resolve_device(a.device)
     cuda = device.type == "cuda"
+    if not cuda:
+        a.precision = a.precision[:1]  # the CPU computes in fp32 either way: one pass
     nft_steps = a.nft_steps or ((20, 100) if cuda else (2, 5))
     dhbe_iters = a.dhbe_iterations or ((10, 50) if cuda else (1, 3))
     shape = (a.channels, a.image_size, a.image_size)
@@ -92,14 +97,25 @@ def main() -> None:
     print(f"device: {name} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}, model {a.model} "
           f"{shape}, batch {a.batch_size}")
 
+    for mode in a.precision:
+        with precision(mode):
+            seeds(a, model, clean, shape, device, nft_steps, dhbe_iters, mode)
+
+    if a.baselines:
+        baseline_times(a, model, shape, device)
+
+
+def seeds(a, model, clean, shape, device, nft_steps, dhbe_iters, mode: str) -> None:
+    """NFT ms per step and DHBE ms per iteration (each execution path) at one precision."""
+    mode = current_precision(device)  # what autocast does here: the CPU computes in fp32 whatever was asked
     if "nft" not in a.skip:
         def nft(steps: int) -> None:
             NFT(steps=steps, rounds=1, batch_size=a.batch_size).purify(model, clean, device=device)
         step, setup = per_unit(nft, *nft_steps)
-        print(f"NFT:  {step * 1e3:9.1f} ms/step   set-up {setup:6.2f} s   full schedule ({NFT_FULL_STEPS} steps): "
-              f"{NFT_FULL_STEPS * step + setup:9.1f} s (without evaluation)")
+        print(f"NFT  [{mode}]: {step * 1e3:9.1f} ms/step   set-up {setup:6.2f} s   full schedule ({NFT_FULL_STEPS} "
+              f"steps): {NFT_FULL_STEPS * step + setup:9.1f} s (without evaluation)", flush=True)
     if "dhbe" not in a.skip:
-        for execution in a.dhbe_execution or (["eager", "device"] + (["graph"] if cuda else [])):
+        for execution in a.dhbe_execution or (["eager", "device"] + (["graph"] if device.type == "cuda" else [])):
             def dhbe(iterations: int) -> None:
                 result = DHBE(epochs=1, iters_per_epoch=iterations, batch_size=a.batch_size,
                               student_steps=a.student_steps, execution=execution).purify(
@@ -108,12 +124,9 @@ def main() -> None:
                     print(f"  (graph capture failed, timed eagerly: {result.info['graph_failed']})")
             it, setup = per_unit(dhbe, *dhbe_iters)
             full = DHBE_FULL_ITERATIONS * it + setup
-            print(f"DHBE ({execution:6s}): {it * 1e3:9.1f} ms/iter   set-up {setup:6.2f} s   full schedule "
+            print(f"DHBE [{mode}] ({execution:6s}): {it * 1e3:9.1f} ms/iter   set-up {setup:6.2f} s   full schedule "
                   f"({DHBE_FULL_ITERATIONS} iterations, n_s={a.student_steps}): {full:9.1f} s = {full / 60:.1f} min "
                   "(without evaluation)", flush=True)
-
-    if a.baselines:
-        baseline_times(a, model, shape, device)
 
 
 def baseline_times(a, model, shape, device) -> None:
