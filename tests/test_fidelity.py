@@ -111,6 +111,8 @@ def test_derived_row_brings_the_rows_it_reads():
     (["--data-root", "/no/such/dir"], "--data-root: '/no/such/dir' does not exist"),
     (["--preset", "tiny", "--schedule-scale", "1.5"], "--schedule-scale: must be in (0, 1]"),
     (["--preset", "tiny", "--schedule-scale", "0"], "--schedule-scale: must be in (0, 1]"),
+    (["--preset", "tiny", "--time-limit", "0"], "--time-limit: must be > 0 seconds"),
+    (["--report", "/no/such/dir"], "--report: '/no/such/dir' is not a directory"),
 ])
 def test_bad_input_is_exit_2_naming_the_flag(args, flag, tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "o")]) == 2

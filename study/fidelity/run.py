@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from backdoor.checkpoint import EXIT_INCOMPLETE, INCOMPLETE_MESSAGE, Checkpoint, Deadline, Incomplete
-from backdoor.data import DatasetSplits, default_cache_dir, load_dataset
+from backdoor.data import default_cache_dir, load_dataset
 from backdoor.defenses import DEFENSES, build_defense
 from backdoor.purify import defense_checkpoint, run_defense
 from backdoor.runtime import PRECISIONS, precision, resolve_device
