@@ -141,7 +141,11 @@ class Checkpoint:
         if not self.path.exists():
             return None
         try:
-            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            try:
+                saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - truncated, junk, or a pickle needing more than tensors
+                first = str(err).splitlines()[0][:200] if str(err) else "-"
+                raise ValueError(f"cannot be read ({type(err).__name__}: {first})") from err
             if not isinstance(saved, dict) or saved.get("format") != FORMAT or "state" not in saved:
                 raise ValueError("not a checkpoint of this library's format")
             if saved.get("digest") != self.digest:
@@ -199,5 +203,7 @@ class Checkpoint:
 def _difference(saved: dict | None, wanted: dict) -> str:
     if not isinstance(saved, dict):
         return "no key"
-    keys = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != json.loads(json.dumps(wanted.get(k), default=str)))
-    return ", ".join(f"{k}: saved {str(saved.get(k))[:60]} vs now {str(wanted.get(k))[:60]}" for k in keys[:3]) or "digest"
+    plain = json.loads(json.dumps(wanted, default=str))
+    keys = sorted(k for k in set(saved) | set(plain) if saved.get(k) != plain.get(k))
+    shown = [f"{k}: saved {str(saved.get(k))[:60]} vs now {str(plain.get(k))[:60]}" for k in keys[:3]]
+    return ", ".join(shown) or "digest"
