@@ -98,16 +98,17 @@ def runbook(rows: dict[str, dict]) -> list[str]:
         f"**Each command** runs at most 9.5 minutes: `--time-limit {RUN_LIMIT}` stops it cleanly (exit 3, "
         "\"incomplete: run the same command again to continue\") with its progress checkpointed in the cache "
         "(`$BACKDOOR_CACHE/victims/checkpoints/`). Run the same command again until it exits 0. Victim training, "
-        "DHBE and NFT continue where they stopped (on the CPU bit for bit; on CUDA up to the nondeterminism of "
-        "its kernels); FT, FP and NAD (seconds each) start their row again. The limit counts from the program's "
+        "DHBE and NFT continue where they stopped: on the CPU bit for bit; on CUDA alike but not bit for bit "
+        "(cuDNN's kernels are not deterministic, and DHBE's CUDA graph is captured afresh). FT, FP and NAD (seconds "
+        "each on one H200) start their row again. The limit counts from the program's "
         "start, so unzipping the data before it is outside the limit. The checkpoints are large (a CIFAR "
         "ResNet-18's weights and SGD momentum take 85.3 MiB as saved: measured 2026-12-02 with `torch.save`), "
         "so continue on the same machine, or carry the cache along.", "",
         "```bash",
-        "unzip -q -o cifar10.zip -d /tmp/cifar10          # once per machine: /tmp/cifar10/train, /tmp/cifar10/test",
+        "unzip -q -o cifar10.zip -d runs/cifar10           # once per machine: runs/cifar10/train, runs/cifar10/test",
         "export BACKDOOR_CACHE=$PWD/runs/cache             # victims and checkpoints: keep it between commands",
         "export BACKDOOR_COMMIT=<commit of this checkout>  # recorded in every row (when .git is not there)",
-        f"python -m study.fidelity --data-root /tmp/cifar10 --out runs/fidelity --time-limit {RUN_LIMIT} --rows ROWS",
+        f"python -m study.fidelity --data-root runs/cifar10 --out runs/fidelity --time-limit {RUN_LIMIT} --rows ROWS",
         "# exit 3: the same command again; exit 0: the group is done",
         "cp runs/fidelity/rows/*.json docs/fidelity/ && python -m study.fidelity --report docs/fidelity",
         "```", "",
