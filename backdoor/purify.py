@@ -186,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
         deadline = Deadline(a.time_limit) if a.time_limit is not None else None
         cache_dir = a.cache_dir if a.cache_dir is not None else default_cache_dir() / "victims"
         victim = get_or_train(spec, cache_dir, data_root=a.data_root, device=a.device, log=log, deadline=deadline)
-        if victim.attack.known_target is not None:  # as run_defense does: NC's known target is part of the key
-            defense = defense.with_known_target(victim.attack.known_target)
         clean = {"fraction": a.clean_fraction, "shots": a.shots, "subset_seed": a.subset_seed, "rule": a.clean_rule}
         checkpoint = defense_checkpoint(victim, defense, cache_dir, job="purify", clean=clean, seed=a.seed,
                                         precision=a.precision, deadline=deadline, log=log)

@@ -10,11 +10,12 @@ full-schedule rows of the `paper` preset are accepted: nothing shortened becomes
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from backdoor.checkpoint import INCOMPLETE_MESSAGE
+
 from .rows import GROUPS, ROWS
-from .run import FidelityError
+from .run import FidelityError, _write
 from .verdict import RULE, not_measured, table_sections
 
 RUN_LIMIT = 540  # --time-limit of one runbook command: under a 10-minute command with start-up and unzip to spare
@@ -96,7 +97,7 @@ def runbook(rows: dict[str, dict]) -> list[str]:
         "Where everything must be carried to the machine (a 64 MiB limit, say), carry the image folder as a "
         "zip without compression (JPEGs do not compress further) and the wheels of safetensors and PyYAML.", "",
         f"**Each command** runs at most 9.5 minutes: `--time-limit {RUN_LIMIT}` stops it cleanly (exit 3, "
-        "\"incomplete: run the same command again to continue\") with its progress checkpointed in the cache "
+        f"\"{INCOMPLETE_MESSAGE}\") with its progress checkpointed in the cache "
         "(`$BACKDOOR_CACHE/victims/checkpoints/`). Run the same command again until it exits 0. Victim training, "
         "DHBE and NFT continue where they stopped: on the CPU bit for bit; on CUDA alike but not bit for bit "
         "(cuDNN's kernels are not deterministic, and DHBE's CUDA graph is captured afresh). FT, FP and NAD (seconds "
@@ -128,7 +129,5 @@ def write_report(directory: Path) -> Path:
     """Regenerate `directory/README.md` from its row files; returns its path."""
     rows = load_rows(directory)
     path = directory / "README.md"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(render_readme(rows))
-    os.replace(tmp, path)
+    _write(path, render_readme(rows))
     return path

@@ -320,8 +320,6 @@ def _run_row(row: Row, ctx: _Context) -> tuple[dict, Checkpoint]:
     victim = ctx.victim(row)
     config = defense_config(row, settings.preset, settings.schedule_scale)
     defense = build_defense(row.defense, config)
-    if victim.attack.known_target is not None:
-        defense = defense.with_known_target(victim.attack.known_target)
     ctx.log(f"row {row.id}: {row.defense} {json.dumps(config)} on victim {victim.victim_id} "
             f"(ACC {victim.metrics['acc']:.2f}%, ASR {victim.metrics['asr']:.2f}%)"
             + (f", clean {row.clean_fraction:g} ({row.clean_rule})" if row.clean_fraction else ", no data"))
