@@ -9,6 +9,7 @@ a time and an interrupted run loses only the row it was in.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,7 +273,7 @@ class _Context:
     device: torch.device
     compile_mode: str | None
     deadline: Deadline | None
-    log: object
+    log: Callable[[str], None]
     splits: dict = dataclasses.field(default_factory=dict)
     victims: dict = dataclasses.field(default_factory=dict)
     trained: set = dataclasses.field(default_factory=set)  # victims whose training time a row has counted
@@ -295,8 +297,10 @@ class _Context:
         return self.victims[key]
 
 
+@functools.lru_cache(maxsize=1)
 def _commit() -> str:
-    """The code's commit: $BACKDOOR_COMMIT if set (a copy without .git), else git's HEAD (+ "-dirty")."""
+    """The code's commit: $BACKDOOR_COMMIT if set (a copy without .git), else git's HEAD (+ "-dirty");
+    asked once per process."""
     if os.environ.get("BACKDOOR_COMMIT"):
         return os.environ["BACKDOOR_COMMIT"]
     root = Path(__file__).resolve().parents[2]
