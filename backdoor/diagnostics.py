@@ -178,11 +178,14 @@ def mask_summary(masks: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def trigger_response(victim: nn.Module, layers: list[str], images: ImageSet, attack, max_images: int = 256
-                     ) -> dict[str, torch.Tensor]:
+def trigger_response(victim: nn.Module, layers: list[str], images: ImageSet, attack, max_images: int = 256, *,
+                     triggered: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per channel of each named layer of `victim`: its mean output on triggered images minus on
-    the same images clean (over images and positions). `images`: non-target test images."""
+    the same images clean (over images and positions). `images`: non-target test images;
+    `triggered`: their triggered versions (uint8) when the attack has no trigger function
+    (an imported victim's stored poisoned images), else `attack.apply` makes them."""
     x = to_float(images.x[:max_images])
+    poisoned = to_float(triggered[:max_images]) if triggered is not None else attack.apply(x)
     acts: dict[str, list[torch.Tensor]] = defaultdict(list)
     hooks = [victim.get_submodule(n).register_forward_hook(
         lambda mod, inp, out, n=n: acts[n].append(out.float().mean(dim=(0, 2, 3)))) for n in layers]
@@ -191,7 +194,7 @@ def trigger_response(victim: nn.Module, layers: list[str], images: ImageSet, att
     try:
         device = x.device
         with autocast(device):
-            for batch in (x, attack.apply(x)):
+            for batch in (x, poisoned):
                 victim(batch.contiguous(memory_format=memory_format(device)))
     finally:
         victim.train(was_training)

@@ -10,6 +10,10 @@
   keys are absent for other attacks: not applicable, never 0).
 - top_class / top_share / class_acc_min / class_acc_max: collapse and per-class accuracy
   (`backdoor.diagnostics.prediction_summary`), from the same clean predictions.
+
+An imported victim's attack (`attacks.stored.StoredTrigger`) has no trigger function: its ASR,
+RA and Eq. 9 come from its stored poisoned test images (`stored_counts`), and only those it
+has the labels and originals for.
 """
 from __future__ import annotations
 
@@ -99,6 +103,12 @@ def evaluate(model: nn.Module, test: ImageSet, attack: Attack | None = None, *, 
     forward pass; counts stay on the device and are read once at the end.
     `reference_correct` (bool per test image) selects the images for `asr_eq9`.
     """
+    if getattr(attack, "stored", False):
+        out = evaluate(model, test, None, batch_size=batch_size)
+        if reference_correct is None and attack.knows_originals:  # Eq. 9's default reference: the model itself
+            reference_correct = correct_mask(model, test, batch_size)
+        out.update(stored_counts(model, attack, batch_size=batch_size, reference_correct=reference_correct))
+        return out
     device = test.device
     was_training = model.training
     model.eval()
@@ -111,6 +121,38 @@ def evaluate(model: nn.Module, test: ImageSet, attack: Attack | None = None, *, 
         tally.add(pred, test.y[start : start + batch_size], start)
     model.train(was_training)
     return tally.result()
+
+
+@torch.no_grad()
+def stored_counts(model: nn.Module, attack, *, batch_size: int = 1024,
+                  reference_correct: torch.Tensor | None = None) -> dict[str, float]:
+    """ASR (and RA, Eq. 9 where the stored labels and originals allow) on a `StoredTrigger`'s
+    poisoned test images; counts stay on the device and are read once."""
+    device = attack.x.device
+    was_training = model.training
+    model.eval()
+    counted = attack.counted()
+    eq9_base = counted & reference_correct.to(device)[attack.index] if (
+        reference_correct is not None and attack.knows_originals) else None
+    counts = torch.zeros(5, dtype=torch.long, device=device)  # counted, ->backdoor, ->true, eq9 base, eq9->backdoor
+    for s in range(0, len(attack.x), batch_size):
+        pred = predict(model, to_float(attack.x[s : s + batch_size]), device)
+        c = counted[s : s + batch_size]
+        hit = c & (pred == attack.y[s : s + batch_size])
+        counts[0] += c.sum()
+        counts[1] += hit.sum()
+        counts[2] += (c & (pred == attack.true_y[s : s + batch_size])).sum()
+        if eq9_base is not None:
+            counts[3] += eq9_base[s : s + batch_size].sum()
+            counts[4] += (hit & eq9_base[s : s + batch_size]).sum()
+    model.train(was_training)
+    c = counts.cpu().tolist()  # the one host sync
+    pct = lambda num, den: 100.0 * num / den if den else float("nan")  # noqa: E731
+    out = {"asr": pct(c[1], c[0])}
+    out["asr_eq9"] = pct(c[4], c[3]) if eq9_base is not None else None
+    if attack.knows_true_labels:
+        out["ra"] = pct(c[2], c[0])
+    return {k: v for k, v in out.items() if v is not None}
 
 
 @torch.no_grad()

@@ -4,11 +4,14 @@
     python -m backdoor.purify --defense dhbe --defense-config '{"epochs": 10, "iters_per_epoch": 10}'
     python -m backdoor.purify --defense fp --shots 2 --defense-config '{"lr": 0.02, "prune_ratio": 0.5}'
     python -m backdoor.purify --defense clp --defense-config '{"u": 2.5}'
+    python -m backdoor.purify --backdoorbench record/badnet/attack_result.pt --data-root data --defense ft --shots 10
 
 Defences: nft, dhbe, and the baselines ft, fp, nad, anp, nc, clp, ibau, ftsam, rnp (NC is
 told the victim's target class unless its config sets `target` or `detect`; dhbe and clp are
 data-free and take no clean-data flag). The victim comes from
-`backdoor.victims` (trained once, cached). The defence sees the
+`backdoor.victims` (trained once, cached), or from outside (`backdoor.imports`): a BackdoorBench
+result (--backdoorbench) or a plain checkpoint (--checkpoint). The purified model is saved as
+safetensors + JSON under --out (--save-models). The defence sees the
 clean subset drawn from the defender pool (data-free defences see nothing); the test set
 is used only by the evaluation callback. Prints a JSON summary; progress goes to stderr.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -24,18 +28,23 @@ from pathlib import Path
 import torch
 
 from .checkpoint import EXIT_INCOMPLETE, Checkpoint, Deadline, Incomplete
-from .data import CLEAN_RULES, ImageSet, clean_subset, default_cache_dir
+from .data import CLEAN_RULES, DATASETS, ImageSet, clean_subset, default_cache_dir
 from .defenses import DEFENSES, Defense, DefenseDiverged, build_defense
 from .diagnostics import is_diagnostic, mask_trigger_correlation, masks_of, trigger_response, weight_drift
 from .metrics import correct_mask, evaluate
 from .runtime import PRECISIONS, precision
-from .victims import Victim, VictimSpec, get_or_train
+from .attacks import ATTACKS, TARGET_MODES
+from .export import SAVE_MODELS
+from .imports import ImportSpec, get_victim, import_spec
+from .models import MODELS
+from .victims import Victim, VictimSpec
 
 
 def run_defense(victim: Victim, defense: str | Defense, defense_config: dict | None = None, *,
                 clean_fraction: float | None = None, shots: int | None = None, subset_seed: int = 0,
                 clean_rule: str = "balanced", seed: int = 0, log=print, on_metrics=None,
-                evaluate_epoch=None, diagnostics: bool = True, checkpoint: Checkpoint | None = None) -> dict:
+                evaluate_epoch=None, diagnostics: bool = True, checkpoint: Checkpoint | None = None,
+                keep_model: bool = False) -> dict:
     """Purify `victim` with one defence (a name plus config overrides, or a built `Defense`)
     and return before/after metrics, history and timing. `on_metrics(epoch, metrics)` gets
     every evaluated epoch's ACC / ASR and diagnostics (a study streams them to Ray Tune).
@@ -43,7 +52,8 @@ def run_defense(victim: Victim, defense: str | Defense, defense_config: dict | N
     `evaluate_epoch(epoch)`: whether to evaluate after that epoch (default: every epoch); the
     last epoch is always evaluated. `diagnostics`: record `backdoor.diagnostics` per epoch, the
     defence's own and the evaluation side's (which may use the test set and the trigger).
-    `checkpoint`: continue a cut run and save progress (`Defense.purify`; NFT and DHBE)."""
+    `checkpoint`: continue a cut run and save progress (`Defense.purify`; NFT and DHBE).
+    `keep_model`: include the purified model under "model" (to save it: `backdoor.export`)."""
     if isinstance(defense, str):
         defense = build_defense(defense, defense_config)
     if victim.attack.known_target is not None:  # NC's known-target protocol (all-to-all has no one target)
@@ -76,10 +86,16 @@ def run_defense(victim: Victim, defense: str | Defense, defense_config: dict | N
     last = result.history[-1] if result.history else {}
     after = last if "acc" in last else evaluate(result.model, victim.splits.test, victim.attack,
                                                 reference_correct=reference)
-    return {"defense": defense_name, "victim_id": victim.victim_id, "clean_images": 0 if data is None else len(data),
-            "before": before, "after": {k: after[k] for k in before},
-            "diagnostics": {k: v for k, v in last.items() if is_diagnostic(k)},
-            "seconds": result.info["seconds"], "info": result.info, "history": result.history}
+    out = {"defense": defense_name, "victim_id": victim.victim_id, "clean_images": 0 if data is None else len(data),
+           "before": before, "after": {k: after[k] for k in before},
+           "diagnostics": {k: v for k, v in last.items() if is_diagnostic(k)},
+           "seconds": result.info["seconds"], "info": result.info, "history": result.history}
+    if victim.provenance:
+        out["provenance"] = victim.provenance
+    if keep_model:
+        out["model"] = result.model
+        out["config"] = dataclasses.asdict(defense.config)
+    return out
 
 
 def defense_checkpoint(victim: Victim, defense: Defense, cache_dir, *, job: str, clean: dict, seed: int,
@@ -127,24 +143,70 @@ class EvaluationDiagnostics:
             out["teacher_top_is_target"] = float(int(record["teacher_top_class"]) == target)
         masks = masks_of(model)
         if masks:
-            out["mask_trigger_corr"] = self.mask_correlation(masks)
+            corr = self.mask_correlation(masks)
+            if corr is not None:
+                out["mask_trigger_corr"] = corr
         else:
             out.update(weight_drift(model, self.victim.model))
         return out
 
-    def mask_correlation(self, masks: dict) -> float:
-        """Rank correlation of per-channel masks with the victim's trigger response."""
+    def mask_correlation(self, masks: dict) -> float | None:
+        """Rank correlation of per-channel masks with the victim's trigger response (None when the
+        victim's trigger is known only by stored poisoned images without their clean originals)."""
         if self.response is None:
-            test = self.victim.splits.test
-            keep = self.victim.attack.counts_for_asr(test.y)
-            self.response = trigger_response(self.victim.model, list(masks), ImageSet(test.x[keep], test.y[keep]),
-                                             self.victim.attack)
+            test, attack = self.victim.splits.test, self.victim.attack
+            if getattr(attack, "stored", False):
+                if not attack.knows_originals:
+                    return None
+                keep = attack.counted()
+                clean, triggered = test.subset(attack.index[keep]), attack.x[keep]
+            else:
+                keep = attack.counts_for_asr(test.y)
+                clean, triggered = ImageSet(test.x[keep], test.y[keep]), None
+            self.response = trigger_response(self.victim.model, list(masks), clean, attack, triggered=triggered)
         return mask_trigger_correlation(masks, self.response)
+
+
+def victim_from_args(a: argparse.Namespace, victim_fields) -> VictimSpec | ImportSpec:
+    """The victim the CLI's flags name: a BackdoorBench result, a checkpoint, or `--victim`'s spec."""
+    if a.backdoorbench is not None and a.checkpoint is not None:
+        raise ValueError("--backdoorbench / --checkpoint: give one of them, not both")
+    if a.backdoorbench is not None:
+        return import_spec({"backdoorbench": a.backdoorbench, "data_root": a.data_root, "bb_root": a.bb_root})
+    if a.checkpoint is not None:
+        try:
+            params = json.loads(a.attack_params)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--attack-params: not valid JSON ({err})") from err
+        fields = {"checkpoint": a.checkpoint, "data_root": a.data_root, "model": a.model, "dataset": a.dataset,
+                  "attack": a.attack, "attack_params": params, "target": a.target, "target_mode": a.target_mode,
+                  "poisoned_test": a.poisoned_test}
+        if a.attack is not None and a.poisoned_test is not None:
+            raise ValueError("--attack / --poisoned-test: give one of them, not both")
+        return import_spec({k: v for k, v in fields.items() if v is not None})
+    if not isinstance(victim_fields, dict):
+        raise ValueError(f"--victim: must be a JSON object of VictimSpec fields, got {a.victim!r}")
+    spec = VictimSpec.from_dict({**VictimSpec().to_dict(), **victim_fields})
+    spec.validate()
+    return spec
+
+
+def save_run(out: dict, victim: Victim, clean: dict, seed: int, where: Path) -> tuple[Path, Path]:
+    """Write the purified model of one run (`run_defense(..., keep_model=True)`) and pop it from `out`."""
+    from .export import save_purified
+
+    model = out.pop("model")
+    key = json.dumps({"config": out["config"], "clean": clean, "seed": seed}, sort_keys=True, default=str)
+    stem = where / f"{out['defense']}-{victim.victim_id}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    info = {"model": victim.spec.model, "defense": out["defense"], "config": out.pop("config"),
+            "victim": {"victim_id": victim.victim_id, "spec": victim.spec.to_dict(), "provenance": victim.provenance},
+            "clean": clean, "seed": seed, "before": out["before"], "after": out["after"],
+            "pick": "the purify run's one model"}
+    return save_purified(model, stem, info)
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: purify the default digits victim (or one given by flags) with one defence."""
-    d = VictimSpec()
     p = argparse.ArgumentParser(prog="python -m backdoor.purify", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--defense", required=True, help=f"one of {sorted(DEFENSES)}")
@@ -156,8 +218,31 @@ def main(argv: list[str] | None = None) -> int:
                    help="balanced: class-balanced subset (default); first: the first images of a seeded shuffle "
                         "of the pool (NFT's reference rule)")
     p.add_argument("--seed", type=int, default=0, help="the defence's own randomness")
-    p.add_argument("--victim", default="{}", help="JSON of VictimSpec fields (default: digits BadNets small_cnn)")
-    p.add_argument("--data-root", default=None)
+    v = p.add_argument_group("the victim (default: one this project trains, from --victim)")
+    v.add_argument("--victim", default="{}", help="JSON of VictimSpec fields (default: digits BadNets small_cnn)")
+    v.add_argument("--backdoorbench", default=None, metavar="PATH",
+                   help="a BackdoorBench (v2) attack_result.pt as the victim; its clean data from --data-root")
+    v.add_argument("--bb-root", default=None, metavar="DIR", help="where the result's relative PNG paths start "
+                   "(default: the result's folder and the folders above it)")
+    v.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="a plain checkpoint (.safetensors, or .pt loadable with weights_only) as the victim; with "
+                        "--model, --dataset and either --attack or --poisoned-test")
+    v.add_argument("--model", default=None, help=f"--checkpoint's architecture: one of {sorted(MODELS)}")
+    v.add_argument("--dataset", default=None, help=f"--checkpoint's dataset: one of {sorted(DATASETS)}")
+    v.add_argument("--attack", default=None, help=f"--checkpoint: the trigger this project applies, one of "
+                   f"{sorted(ATTACKS)} (not trojan / lc)")
+    v.add_argument("--attack-params", default="{}", help="--checkpoint: JSON of the attack's parameters")
+    v.add_argument("--target", type=int, default=0, help="--checkpoint: the attack's target class (default 0)")
+    v.add_argument("--target-mode", default="all_to_one", choices=list(TARGET_MODES))
+    v.add_argument("--poisoned-test", default=None, metavar="DIR",
+                   help="--checkpoint: triggered test images as DIR/<label>/*, <label> the class the backdoor "
+                        "gives them (instead of --attack)")
+    p.add_argument("--data-root", default=None, help="dataset directory (a BackdoorBench result's clean data: an "
+                   "image folder root/train/<class>/*, root/test/<class>/*, or torchvision's copy)")
+    p.add_argument("--save-models", default="best", choices=list(SAVE_MODELS),
+                   help="write the purified model as safetensors + JSON under --out (best = all = the one model a "
+                        "purify run makes; default best)")
+    p.add_argument("--out", default="runs/purify", help="where --save-models writes (default runs/purify)")
     p.add_argument("--cache-dir", default=None, help="victim cache (default: $BACKDOOR_CACHE/victims)")
     p.add_argument("--device", default="auto")
     p.add_argument("--history", action="store_true", help="include the per-epoch history in the JSON")
@@ -179,13 +264,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--clean-fraction / --shots: {a.defense} needs clean data; give one of them")
         if a.clean_fraction is not None and a.shots is not None:
             raise ValueError("--clean-fraction / --shots: give one of them, not both")
-        if not isinstance(victim_fields, dict):
-            raise ValueError(f"--victim: must be a JSON object of VictimSpec fields, got {a.victim!r}")
-        spec = VictimSpec.from_dict({**d.to_dict(), **victim_fields})
-        spec.validate()
+        spec = victim_from_args(a, victim_fields)
         deadline = Deadline(a.time_limit) if a.time_limit is not None else None
         cache_dir = a.cache_dir if a.cache_dir is not None else default_cache_dir() / "victims"
-        victim = get_or_train(spec, cache_dir, data_root=a.data_root, device=a.device, log=log, deadline=deadline)
+        victim = get_victim(spec, cache_dir, data_root=a.data_root, device=a.device, log=log, deadline=deadline)
         clean = {"fraction": a.clean_fraction, "shots": a.shots, "subset_seed": a.subset_seed, "rule": a.clean_rule}
         checkpoint = defense_checkpoint(victim, defense, cache_dir, job="purify", clean=clean, seed=a.seed,
                                         precision=a.precision, deadline=deadline, log=log)
@@ -193,8 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         with precision(a.precision):
             out = run_defense(victim, defense, clean_fraction=a.clean_fraction, shots=a.shots,
                               subset_seed=a.subset_seed, clean_rule=a.clean_rule, seed=a.seed, log=log,
-                              checkpoint=checkpoint)
+                              checkpoint=checkpoint, keep_model=a.save_models != "none")
         checkpoint.clear()
+        if a.save_models != "none":
+            out["saved"] = [str(f) for f in save_run(out, victim, clean, a.seed, Path(a.out))]
+            log(f"purified model: {out['saved'][0]}")
         out["wall_seconds"] = time.perf_counter() - t0
         out["precision"] = a.precision
     except Incomplete as err:

@@ -28,7 +28,8 @@ from .checkpoint import EXIT_INCOMPLETE, Checkpoint, Deadline, Incomplete
 from .data import DATASETS, DatasetSplits, default_cache_dir, load_dataset
 from .determinism import one_thread
 from .metrics import evaluate
-from .models import MODELS, build_model
+from .imports.spec import ImportSpec, is_import
+from .models import MODELS, build_model, model_from_state
 from .runtime import prepare_model, resolve_device, seed_everything
 from .train import SCHEDULES, TrainConfig, train_classifier
 
@@ -149,6 +150,7 @@ class Victim:
     metrics: dict
     from_cache: bool
     train_seconds: float
+    provenance: dict = field(default_factory=dict)   # an imported victim: where its model, ACC, ASR, pool come from
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -340,13 +342,14 @@ def _train(spec: VictimSpec, victim_id: str, cache_dir: Path, splits: DatasetSpl
 
 def pack_victim(victim: Victim) -> dict:
     """A victim as plain data (safetensors weight bytes, CPU splits, spec, metrics), for
-    handing to other processes or machines (e.g. through Ray's object store), not disk."""
+    handing to other processes or machines (e.g. through Ray's object store), not disk. An
+    imported victim's stored poisoned images travel as its attack's state."""
     from safetensors.torch import save
 
     state = stored_state(victim.model, victim.attack)
     return {"spec": victim.spec.to_dict(), "victim_id": victim.victim_id, "metrics": victim.metrics,
             "train_seconds": victim.train_seconds, "from_cache": victim.from_cache,
-            "weights": save(state), "splits": victim.splits.to("cpu")}
+            "weights": save(state), "splits": victim.splits.to("cpu"), "provenance": victim.provenance}
 
 
 def unpack_victim(packed: dict, device=None) -> Victim:
@@ -354,18 +357,25 @@ def unpack_victim(packed: dict, device=None) -> Victim:
     victim id is checked against the spec and the exact data it came with."""
     from safetensors.torch import load
 
-    spec = VictimSpec.from_dict(packed["spec"])
+    imported = is_import(packed["spec"])
+    spec = ImportSpec.from_dict(packed["spec"]) if imported else VictimSpec.from_dict(packed["spec"])
     splits: DatasetSplits = packed["splits"]
     if spec.victim_id(splits.fingerprint) != packed["victim_id"]:
         raise ValueError(f"victim: packed victim {packed['victim_id']} does not match its spec and data")
     device = resolve_device(device)
-    model = build_model(spec.model, splits.num_classes, splits.image_shape[0], splits.mean, splits.std)
     weights, attack_state = split_attack_state(load(packed["weights"]))
-    model.load_state_dict(weights, strict=True)
+    if imported:  # the architecture's widths are read from the weights
+        model = model_from_state(spec.model, weights, in_channels=splits.image_shape[0], mean=splits.mean,
+                                 std=splits.std, num_classes=splits.num_classes)
+    else:
+        model = build_model(spec.model, splits.num_classes, splits.image_shape[0], splits.mean, splits.std)
+        model.load_state_dict(weights, strict=True)
     attack = spec.build_attack(splits)
     attack.load_state(attack_state)
+    if getattr(attack, "stored", False):
+        attack.to(device)
     return Victim(spec, packed["victim_id"], prepare_model(model, device).eval(), attack, splits.to(device),
-                  packed["metrics"], packed["from_cache"], packed["train_seconds"])
+                  packed["metrics"], packed["from_cache"], packed["train_seconds"], packed.get("provenance", {}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,7 +128,9 @@ def run_study(spec: StudySpec, trials: list[dict], out: Path, state: dict, done_
     try:
         victims = prepare_victims(spec, args, log)
         check_budgets(spec, victims)
-        kwargs = {"victims": victims, "cpus_per_trial": spec.cpu}
+        save_models = getattr(args, "save_models", "none")
+        kwargs = {"victims": victims, "cpus_per_trial": spec.cpu,
+                  "save_dir": str((out / "models").resolve()) if save_models != "none" else None}
         if args.search == "grid":
             pending = [t for t in trials if t["trial_id"] not in done_ids]
             units = group_trials(pending, spec.pack)
@@ -147,7 +149,9 @@ def run_study(spec: StudySpec, trials: list[dict], out: Path, state: dict, done_
             failed = run_optuna(spec, out, state, client, parent, victims, (results, epochs), kwargs, args, log,
                                 storage)
         status = "FINISHED"
-        run_analysis(out, log)
+        analysed = run_analysis(out, log)
+        if save_models != "none":
+            keep_models(out, analysed, save_models, client, log)
     finally:
         for name in ("results.csv", "epochs.csv", "study.yaml", "pareto.csv", "fits.json", "report.md"):
             if (out / name).exists():
@@ -159,13 +163,41 @@ def run_study(spec: StudySpec, trials: list[dict], out: Path, state: dict, done_
     return failed
 
 
-def run_analysis(out: Path, log) -> None:
+def run_analysis(out: Path, log) -> dict | None:
     """Fits, plots and report of the finished study (python -m analysis OUT does the same).
     A failure here is reported, never allowed to fail a study whose trials are recorded."""
     try:
-        analysis.analyze(out, log=log)
+        return analysis.analyze(out, log=log)
     except Exception as err:  # noqa: BLE001
         log(f"analysis failed ({type(err).__name__}: {err}); rerun it with: python -m analysis {out}")
+        return None
+
+
+def keep_models(out: Path, analysed: dict | None, mode: str, client, log) -> None:
+    """`--save-models`: "all" keeps every trial's model; "best" keeps the defender's picks (`analysis`: per victim, budget and subset seed, chosen from
+    clean accuracy) and removes the others. Each kept model is logged to its trial's MLflow run
+    (artifact path `model/`); `models/picks.json` lists the picks."""
+    models = out / "models"
+    if not models.is_dir():
+        return
+    if analysed is None:
+        log("models: the analysis failed, so no pick is known; every trial's model is kept")
+        return
+    picks = sorted({i for s in analysed["summaries"] if s.get("budget") != "all" for i in s["pick_ids"]})
+    runs = {r["trial_id"]: r["mlflow_run_id"] for r in read_results(out / "results.csv")}
+    (models / "picks.json").write_text(json.dumps({"selection": "defender's pick (clean accuracy only)",
+                                                   "trial_ids": picks}, indent=2))
+    if mode == "best":
+        for f in models.glob("*.safetensors"):
+            if f.stem not in picks:
+                f.unlink()
+                f.with_suffix(".json").unlink(missing_ok=True)
+    for f in sorted(models.glob("*.safetensors")):   # each kept model, as an artifact of its trial's run
+        if runs.get(f.stem):
+            for path in (f, f.with_suffix(".json")):
+                client.log_artifact(runs[f.stem], str(path), "model")
+    kept = len(list(models.glob("*.safetensors")))
+    log(f"models: {kept} purified model(s) in {models} ({len(picks)} defender's pick(s) in models/picks.json)")
 
 
 def run_optuna(spec: StudySpec, out: Path, state: dict, client, parent: str, victims: dict,

@@ -51,6 +51,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pack", type=int, default=None, metavar="K",
                    help="train up to K compatible trials (FT, FP, NAD, NFT) as one computation; overrides the "
                         "spec's `pack` (1 = every trial alone). Each trial keeps its own row and MLflow run")
+    p.add_argument("--save-models", default="none", choices=["none", "best", "all"],
+                   help="keep purified models as safetensors + JSON in OUT/models and as MLflow artifacts of their "
+                        "trial's run: all of them, or only the defender's picks (best: chosen from clean accuracy, "
+                        "never from test ASR; see the report). Packed trials then run unpacked")
     return p.parse_args(argv)
 
 
@@ -125,6 +129,8 @@ def _setup(a: argparse.Namespace) -> tuple[StudySpec, Path, dict]:
         state = {}
     if a.pack is not None:
         spec.pack = a.pack
+    if a.save_models != "none" and spec.pack > 1:
+        spec.pack = 1  # a pack trains its members as one network: models are saved per unpacked trial
     state.setdefault("tracking_uri", a.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_MLFLOW_URI)
     state["search"] = a.search
     return spec, out, state

@@ -3,6 +3,7 @@
     name: quick
     victims:                       # VictimSpec fields (backdoor.victims), or a paper's recipe plus overrides
       - {dataset: digits, model: small_cnn, attack: badnets, attack_params: {trigger_size: 3}}
+      - {backdoorbench: record/badnet/attack_result.pt, data_root: data/cifar10}   # imported (backdoor.imports)
       - {recipe: dhbe-badnets-3x3, pool_fraction: 0.1}      # backdoor.recipes.PAPER_VICTIMS
       - recipe: nft-badnets        # one entry, three victims that differ only in the attack:
         attacks:                   # a name (its default attack_params) or a mapping of attack fields
@@ -52,6 +53,7 @@ import yaml
 from backdoor.data import CLEAN_RULES
 from backdoor.defenses import DEFENSES, build_defense
 from backdoor.recipes import PAPER_VICTIMS, paper_victim
+from backdoor.imports import ImportSpec, import_spec, is_import
 from backdoor.victims import VictimSpec
 from search_spaces import Axis, config_field, parse_axis
 
@@ -86,7 +88,7 @@ class DefenseSpec:
 @dataclass
 class StudySpec:
     name: str
-    victims: list[VictimSpec]
+    victims: list[VictimSpec | ImportSpec]
     defenses: list[DefenseSpec]
     fractions: list[float] = field(default_factory=list)
     shots: list[int] = field(default_factory=list)
@@ -261,10 +263,21 @@ def _victim(fields: dict, where, whole: str) -> VictimSpec:
     return spec
 
 
-def _parse_victim_entry(v: Any, at: str) -> list[tuple[str, VictimSpec]]:
-    """One `victims[i]` entry -> [(where, VictimSpec)]: itself, or one per element of its `attacks`."""
+def _imported(v: dict, at: str) -> ImportSpec:
+    """An imported victim entry (`backdoorbench: PATH` or `checkpoint: FILE`), validated; the
+    file's digest becomes part of its trials' ids."""
+    try:
+        return import_spec(v)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise SpecError(f"{at}.{err}") from err
+
+
+def _parse_victim_entry(v: Any, at: str) -> list[tuple[str, VictimSpec | ImportSpec]]:
+    """One `victims[i]` entry -> [(where, spec)]: itself, or one per element of its `attacks`."""
     if not isinstance(v, dict):
         raise SpecError(f"{at}: must be a mapping of VictimSpec fields, got {v!r}")
+    if is_import(v):
+        return [(at, _imported(v, at))]
     v = dict(v)
     base = VictimSpec().to_dict()
     if "recipe" in v:
@@ -405,6 +418,10 @@ def count_summary(spec: StudySpec, trials: list[dict]) -> str:
     lines = [f"  victims ({len(spec.victims)}):"]
     for i, (v, where) in enumerate(zip(spec.victims, sources)):
         d = v.to_dict()
+        if isinstance(v, ImportSpec):
+            what = f"{v.attack}, stored poisoned test images" if not v.applies_trigger else attack_label(d)
+            lines.append(f"    {i:2d} {where:22s} {v.source} {v.path} ({what}; sha256 {v.digest[:12]})")
+            continue
         poison = (f"{d['poison_count']} poisoned" if d.get("poison_count") is not None
                   else f"poison rate {d['poison_rate']:g}")
         lines.append(f"    {i:2d} {where:22s} {attack_label(d)} {json.dumps(d['attack_params'], sort_keys=True)}, "

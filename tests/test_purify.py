@@ -61,6 +61,6 @@ def test_dhbe_run_gets_no_clean_data(victim):
 ])
 def test_cli_bad_input_names_the_field_before_training(args, field, capsys, monkeypatch):
     import backdoor.purify as purify
-    monkeypatch.setattr(purify, "get_or_train", lambda *a, **k: pytest.fail("trained before validating"))
+    monkeypatch.setattr(purify, "get_victim", lambda *a, **k: pytest.fail("trained before validating"))
     assert main(args) == 2
     assert field in capsys.readouterr().err

@@ -53,10 +53,12 @@ def _reported(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k in METRICS or is_diagnostic(k)}
 
 
-def purify_trial(config: dict, victims: dict, base: dict | None = None, cpus_per_trial: float = 1.0) -> None:
+def purify_trial(config: dict, victims: dict, base: dict | None = None, cpus_per_trial: float = 1.0,
+                 save_dir: str | None = None) -> None:
     """One trial. Reports every epoch (`epoch`, ACC, ASR, ...) and a final row with
     `done=True`; a trial that raises reports `status="failed"` and the error text instead
-    (so the study records it and goes on)."""
+    (so the study records it and goes on). `save_dir`: write the purified model there as
+    `<trial id>.safetensors` + `.json` (`backdoor.export`; a path every node can write)."""
     torch.set_num_threads(max(1, int(cpus_per_trial)))
     members = resolve_members(config, base)
     t0 = time.perf_counter()
@@ -70,12 +72,29 @@ def purify_trial(config: dict, victims: dict, base: dict | None = None, cpus_per
         out = run_defense(victim, trial["defense"], trial["config"], clean_fraction=trial["clean_fraction"],
                           shots=trial["shots"], subset_seed=trial["subset_seed"], seed=trial["subset_seed"],
                           clean_rule=trial.get("clean_rule", "balanced"),
-                          log=lambda m: None,
+                          log=lambda m: None, keep_model=save_dir is not None,
                           on_metrics=lambda epoch, m: tune.report({"epoch": epoch, **_reported(m)}))
+        if save_dir is not None:
+            _save(out, victim, trial, save_dir)
     except Exception as err:  # noqa: BLE001 - any failure is a result to record, not a crash of the study
         tune.report({"done": True, **_failed(err), "trial_seconds": time.perf_counter() - t0, **where})
         return
     tune.report({"done": True, **_final(out), "trial_seconds": time.perf_counter() - t0, **where})
+
+
+def _save(out: dict, victim, trial: dict, save_dir: str) -> None:
+    """The trial's purified model and what it is, as `<save_dir>/<trial id>.safetensors` + `.json`."""
+    from pathlib import Path
+
+    from backdoor.export import save_purified
+
+    info = {"model": victim.spec.model, "defense": trial["defense"], "config": out.pop("config"),
+            "trial_id": trial["trial_id"], "axes": trial["axes"],
+            "victim": {"victim_id": victim.victim_id, "spec": victim.spec.to_dict(), "provenance": victim.provenance},
+            "clean": {"fraction": trial["clean_fraction"], "shots": trial["shots"], "subset_seed": trial["subset_seed"],
+                      "rule": trial.get("clean_rule", "balanced")},
+            "before": out["before"], "after": out["after"]}
+    save_purified(out.pop("model"), Path(save_dir) / trial["trial_id"], info)
 
 
 def _final(out: dict) -> dict:

@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import ray
 
-from backdoor.victims import VictimSpec, get_or_train, pack_victim
+from backdoor.imports import get_victim, victim_spec
+from backdoor.victims import pack_victim
 
 
 @ray.remote
 def prepare_victim(spec: dict, cache_dir: str | None = None, data_root: str | None = None) -> dict:
-    """Train or load the victim for `spec` on the worker's device; return it packed
+    """Train, load or import the victim for `spec` on the worker's device; return it packed
     (`backdoor.victims.pack_victim`): the caller puts it in the object store for the trials."""
-    victim = get_or_train(VictimSpec.from_dict(spec), cache_dir, data_root=data_root, device="auto",
-                          log=lambda m: print(m, flush=True))
+    victim = get_victim(victim_spec(spec), cache_dir, data_root=data_root, device="auto",
+                        log=lambda m: print(m, flush=True))
     return pack_victim(victim)
 
 

@@ -118,6 +118,11 @@ def _decode(samples: list[tuple[str, int]], size: int | None, what: str) -> Imag
     return _from_hwc(np.stack(arrays), [label for _, label in samples])
 
 
+def decode_images(paths: list[str], labels: list[int], size: int | None, what: str) -> ImageSet:
+    """Image files (any PIL format, as RGB) decoded into one labelled uint8 set, in order."""
+    return _decode(list(zip(paths, labels)), size, what)
+
+
 def _decode_cached(samples: list[tuple[str, int]], size: int | None, what: str) -> ImageSet:
     """Decode once; later calls read a safetensors cache keyed by file list and size."""
     from safetensors.torch import load_file, save_file

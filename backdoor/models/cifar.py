@@ -1,29 +1,12 @@
-"""Classifiers and their registry.
-
-Every model takes images in [0, 1] pixel space and normalises them in its first layer
-(`Normalize`), so triggers are always pasted in pixel space. Every model exposes the
-stages `layer1` .. `layer4` and the head `linear`, which defences hook into (NAD's
-attention maps, Fine-pruning's last block, NFT's masked BatchNorms).
-"""
+"""This project's own classifiers: ResNet-18 and PreAct-ResNet-18 with the CIFAR stem, and a
+small CNN for the built-in 16x16 digits data."""
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class Normalize(nn.Module):
-    """(x - mean) / std with per-channel constants stored as buffers."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+from .layers import Normalize
 
 
 class BasicBlock(nn.Module):
@@ -147,22 +130,6 @@ def preact_resnet18(num_classes: int = 10, in_channels: int = 3, mean=(0.4914, 0
     return _ResNet(PreActBlock, (2, 2, 2, 2), num_classes, in_channels, mean, std, preact=True, width=width)
 
 
-def small_cnn(num_classes: int = 10, in_channels: int = 1, mean=(0.5,), std=(0.5,)) -> nn.Module:
-    return SmallCNN(num_classes, in_channels, mean, std)
+def small_cnn(num_classes: int = 10, in_channels: int = 1, mean=(0.5,), std=(0.5,), width: int = 16) -> nn.Module:
+    return SmallCNN(num_classes, in_channels, mean, std, width=width)
 
-
-MODELS = {
-    "resnet18": resnet18,
-    "preact_resnet18": preact_resnet18,
-    "small_cnn": small_cnn,
-}
-
-
-def build_model(name: str, num_classes: int, in_channels: int, mean: Sequence[float],
-                std: Sequence[float]) -> nn.Module:
-    """Instantiate `MODELS[name]`; mean/std are the dataset's pixel statistics."""
-    if name not in MODELS:
-        raise ValueError(f"model: unknown model {name!r}; known: {sorted(MODELS)}")
-    if len(mean) != in_channels or len(std) != in_channels:
-        raise ValueError(f"model: mean/std have {len(mean)} channels, images have {in_channels}")
-    return MODELS[name](num_classes=num_classes, in_channels=in_channels, mean=tuple(mean), std=tuple(std))
