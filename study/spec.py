@@ -3,7 +3,6 @@
     name: quick
     victims:                       # VictimSpec fields (backdoor.victims), or a paper's recipe plus overrides
       - {dataset: digits, model: small_cnn, attack: badnets, attack_params: {trigger_size: 3}}
-      - {backdoorbench: record/badnet/attack_result.pt, data_root: data/cifar10}   # imported (backdoor.imports)
       - {recipe: dhbe-badnets-3x3, pool_fraction: 0.1}      # backdoor.recipes.PAPER_VICTIMS
       - recipe: nft-badnets        # one entry, three victims that differ only in the attack:
         attacks:                   # a name (its default attack_params) or a mapping of attack fields
@@ -22,6 +21,10 @@
     tracking: {experiment: quick}  # MLflow experiment (default: the study name)
     failures: {max_retries: 2}     # a trial whose worker dies (node lost) runs again up to 2 times
     pack: 1                        # up to this many compatible trials train as one computation (backdoor.packing)
+
+A victim made elsewhere is an entry `{backdoorbench: PATH, data_root: DIR, bb_root: DIR}` or
+`{checkpoint: FILE, model: NAME, dataset: NAME, attack: ... | poisoned_test: DIR}`
+(`backdoor.imports`); the file's SHA-256 is part of its trials' ids.
 
 `attacks:` expands its entry, in place and in order, into one victim per element before
 anything is validated (so `defenses[i].victims` and the dry run count the expanded list). An
