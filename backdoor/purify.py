@@ -172,6 +172,10 @@ def victim_from_args(a: argparse.Namespace, victim_fields) -> VictimSpec | Impor
     if a.backdoorbench is not None and a.checkpoint is not None:
         raise ValueError("--backdoorbench / --checkpoint: give one of them, not both")
     if a.backdoorbench is not None:
+        stray = [f for f, v in (("--model", a.model), ("--dataset", a.dataset), ("--attack", a.attack),
+                                ("--poisoned-test", a.poisoned_test)) if v is not None]
+        if stray:
+            raise ValueError(f"{stray[0]}: a BackdoorBench result names its own model, dataset and poisoned images")
         return import_spec({"backdoorbench": a.backdoorbench, "data_root": a.data_root, "bb_root": a.bb_root})
     if a.checkpoint is not None:
         try:
@@ -184,6 +188,11 @@ def victim_from_args(a: argparse.Namespace, victim_fields) -> VictimSpec | Impor
         if a.attack is not None and a.poisoned_test is not None:
             raise ValueError("--attack / --poisoned-test: give one of them, not both")
         return import_spec({k: v for k, v in fields.items() if v is not None})
+    stray = [f for f, v in (("--model", a.model), ("--dataset", a.dataset), ("--attack", a.attack),
+                            ("--poisoned-test", a.poisoned_test), ("--bb-root", a.bb_root)) if v is not None]
+    if stray:
+        raise ValueError(f"{stray[0]}: goes with --checkpoint (--bb-root: with --backdoorbench); a victim trained "
+                         "here is given by --victim")
     if not isinstance(victim_fields, dict):
         raise ValueError(f"--victim: must be a JSON object of VictimSpec fields, got {a.victim!r}")
     spec = VictimSpec.from_dict({**VictimSpec().to_dict(), **victim_fields})

@@ -231,6 +231,8 @@ def test_a_trained_victim_purified_and_reloaded_with_its_attack_gives_the_same_n
     (["--checkpoint", "{f}", "--model", "small_cnn", "--dataset", "digits", "--attack", "trojan"],
      "attack: trojan builds its trigger from a clean model"),
     (["--backdoorbench", "{f}"], "data_root: a BackdoorBench result stores no clean images"),
+    (["--model", "small_cnn"], "--model: goes with --checkpoint"),
+    (["--backdoorbench", "{f}", "--attack", "badnets"], "--attack: a BackdoorBench result names its own"),
 ])
 def test_the_cli_refuses_bad_victim_flags_with_exit_2(tmp_path, argv, match):
     f = tmp_path / "w.safetensors"
