@@ -69,6 +69,12 @@ def _stage(block: type[nn.Module], cin: int, cout: int, stride: int, n: int = 2)
     return nn.Sequential(*(block(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)))
 
 
+def _add_stages(model: nn.Module, block: type[nn.Module], w: int) -> None:
+    """`layer1..layer4` of a ResNet-18 (widths w, 2w, 4w, 8w; strides 1, 2, 2, 2), registered in order."""
+    for k, (cin, cout, stride) in enumerate(((w, w, 1), (w, 2 * w, 2), (2 * w, 4 * w, 2), (4 * w, 8 * w, 2)), 1):
+        setattr(model, f"layer{k}", _stage(block, cin, cout, stride))
+
+
 class BBPreActResNet18(nn.Module):
     """BackdoorBench's PreActResNet18: 3x3 stride-1 stem conv without BN, four stages of
     pre-activation blocks (1x1-conv shortcut), then straight to the pool: unlike this
@@ -81,10 +87,7 @@ class BBPreActResNet18(nn.Module):
         w = width
         self.normalize = Normalize(mean, std)
         self.conv1 = nn.Conv2d(in_channels, w, 3, 1, 1, bias=False)
-        self.layer1 = _stage(PreActBlock, w, w, 1)
-        self.layer2 = _stage(PreActBlock, w, 2 * w, 2)
-        self.layer3 = _stage(PreActBlock, 2 * w, 4 * w, 2)
-        self.layer4 = _stage(PreActBlock, 4 * w, 8 * w, 2)
+        _add_stages(self, PreActBlock, w)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.linear = nn.Linear(8 * w, num_classes)
 
@@ -127,10 +130,7 @@ class TVResNet18(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, w, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(w)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = _stage(TVBasicBlock, w, w, 1)
-        self.layer2 = _stage(TVBasicBlock, w, 2 * w, 2)
-        self.layer3 = _stage(TVBasicBlock, 2 * w, 4 * w, 2)
-        self.layer4 = _stage(TVBasicBlock, 4 * w, 8 * w, 2)
+        _add_stages(self, TVBasicBlock, w)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.linear = nn.Linear(8 * w, num_classes)
         _torchvision_init(self)
