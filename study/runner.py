@@ -4,7 +4,6 @@ Kept apart from `sensitivity` so `--dry-run` and spec errors never start Ray or 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from ray import tune
 
 import analysis
 from backdoor.data import clean_subset
-from trainables.purify_trial import purify_trial, resolve_members, resolve_trial
+from trainables.purify_trial import purify_trial, resolve_members
 from trainables.victim_stage import victim_task
 
 from .packs import group_trials, pack_summary
@@ -104,7 +103,8 @@ def _tuner(spec: StudySpec, trainable_kwargs: dict, param_space: dict, recorder,
     return tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=num_samples, reuse_actors=True,
-                                    max_concurrent_trials=spec.max_concurrent,
+                                    # a searcher is capped by its ConcurrencyLimiter (study.search)
+                                    max_concurrent_trials=None if search_alg else spec.max_concurrent,
                                     trial_name_creator=lambda t: f"trial_{t.trial_id}",
                                     trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
         run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[recorder],
@@ -144,10 +144,12 @@ def run_study(spec: StudySpec, trials: list[dict], out: Path, state: dict, done_
                 _tuner(spec, kwargs, {"trial": tune.grid_search(units)}, recorder, storage, "grid").fit()
             failed = recorder.failed
         else:
-            if spec.pack > 1:
-                log("pack: Optuna samples one trial at a time, so its trials run unpacked")
-            failed = run_optuna(spec, out, state, client, parent, victims, (results, epochs), kwargs, args, log,
-                                storage)
+            from .search import run_optuna
+
+            recorder_kwargs = {"spec": spec, "results": results, "epochs": epochs, "client": client,
+                               "experiment_id": state["experiment_id"], "parent_run_id": parent, "victims": victims}
+            failed = run_optuna(spec, out, recorder_kwargs, kwargs, num_samples=args.num_samples, nodes=nodes,
+                                tuner=lambda *a, **k: _tuner(spec, *a, **k), tune_dir=storage, log=log)
         status = "FINISHED"
         analysed = run_analysis(out, log)
         if save_models != "none":
@@ -198,69 +200,3 @@ def keep_models(out: Path, analysed: dict | None, mode: str, client, log) -> Non
                 client.log_artifact(runs[f.stem], str(path), "model")
     kept = len(list(models.glob("*.safetensors")))
     log(f"models: {kept} purified model(s) in {models} ({len(picks)} defender's pick(s) in models/picks.json)")
-
-
-def run_optuna(spec: StudySpec, out: Path, state: dict, client, parent: str, victims: dict,
-               files: tuple[ResultsFile, ResultsFile], kwargs: dict, args, log, tune_dir: str) -> int:
-    """Per victim and defence entry: Optuna (through Tune's OptunaSearch) maximising ACC and
-    minimising ASR over the entry's axes, the clean budget and the subset seed; history in
-    optuna.db; the Pareto front of every defence in pareto.csv."""
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'optuna.db').resolve()}")
-    rows = read_results(out / "results.csv")
-    failed = 0
-    for vi in victims:
-        for di, d in enumerate(spec.defenses):
-            if d.victims is not None and vi not in d.victims:
-                continue
-            study_name = f"{spec.name}-v{vi}-d{di}-{d.name}"
-            space = {f"axis:{n}": axis.to_tune() for n, axis in d.sweep.items()}
-            if d.needs_clean_data:
-                if spec.fractions:
-                    space["axis:clean_fraction"] = tune.choice(spec.fractions)
-                else:
-                    space["axis:shots"] = tune.choice(spec.shots)
-            space["axis:subset_seed"] = tune.choice(spec.subset_seeds)
-            salt = hashlib.sha256(json.dumps([spec.victims[vi].to_dict(), di]).encode()).hexdigest()[:8]
-            base = {"trial_id": None, "id_salt": salt, "victim_index": vi, "defense": d.name, "config": d.config,
-                    "axes": {}, "fields": d.fields, "clean_fraction": None, "shots": None,
-                    "subset_seed": spec.subset_seeds[0], "clean_rule": spec.clean_rule}
-            already = sum(r["trial_id"].startswith(salt) for r in rows)
-            remaining = args.num_samples - already
-            if remaining <= 0:
-                continue
-            log(f"optuna: {study_name}: {remaining} trial(s) over {sorted(space)}")
-            searcher = OptunaSearch(metric=["acc", "asr"], mode=["max", "min"], study_name=study_name,
-                                    storage=storage, seed=vi * 1000 + di)
-            recorder = StudyRecorder(spec=spec, results=files[0], epochs=files[1], client=client,
-                                     experiment_id=state["experiment_id"], parent_run_id=parent, victims=victims,
-                                     resolve=lambda c, b=base: [resolve_trial(c, b)], total=remaining, log=log)
-            _tuner(spec, {**kwargs, "base": base}, space, recorder, tune_dir, study_name, search_alg=searcher,
-                   num_samples=remaining).fit()
-            failed += recorder.failed
-    for r in write_pareto(out):
-        log(f"pareto {r['defense']:4s} ACC {float(r['acc']):6.2f}  ASR {float(r['asr']):6.2f}  lr {r['lr']}  "
-            f"lam {r['lam']}  clean {r['clean_fraction'] or r['shots']}  seed {r['subset_seed']}")
-    return failed
-
-
-def write_pareto(out: Path) -> list[dict]:
-    """pareto.csv: per defence, the finished trials no other finished trial beats on both ACC and ASR."""
-    import csv
-
-    rows = [r for r in read_results(out / "results.csv") if r["status"] == "finished"]
-    front = []
-    for r in rows:
-        acc, asr = float(r["acc"]), float(r["asr"])
-        if not any(o["defense"] == r["defense"] and float(o["acc"]) >= acc and float(o["asr"]) <= asr
-                   and (float(o["acc"]) > acc or float(o["asr"]) < asr) for o in rows):
-            front.append(r)
-    front.sort(key=lambda r: (r["defense"], -float(r["acc"])))
-    if rows:
-        with open(out / "pareto.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, list(rows[0]))
-            w.writeheader()
-            w.writerows(front)
-    return front

@@ -5,7 +5,7 @@ on Ray Tune -> results.csv + MLflow (one parent run, one child run per trial).
     python -m study.sensitivity --preset paper-cifar10 --data-root /data/cifar10 --address auto
     python -m study.sensitivity --config my_study.yaml --dry-run
     python -m study.sensitivity --resume runs/quick-20261125-101500   # finish a killed study
-    python -m study.sensitivity --search optuna --num-samples 20      # multi-objective: max ACC, min ASR
+    python -m study.sensitivity --search optuna --num-samples 20      # mean ACC up, worst-seed ASR down
 
 Exit code 0: every trial finished; 1: some failed (all results still written); 2: bad input.
 Output directory: results.csv, epochs.csv (per-epoch ACC / ASR), fits.json, report.md and
@@ -46,8 +46,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--storage-path", default=None, help="Tune's trial files: a shared path or URI (s3://bucket/"
                    "prefix) on a cluster (default: OUT/ray)")
     p.add_argument("--dry-run", action="store_true", help="print the trial grid and its size, run nothing")
-    p.add_argument("--search", choices=["grid", "optuna"], default="grid")
-    p.add_argument("--num-samples", type=int, default=20, help="Optuna: trials per defence (and victim)")
+    p.add_argument("--search", choices=["grid", "optuna"], default="grid",
+                   help="grid: every trial of the spec; optuna: a multi-objective search (mean ACC, worst ASR over "
+                        "the subset seeds) per victim, defence and clean budget over the defence's swept axes")
+    p.add_argument("--num-samples", type=int, default=20,
+                   help="Optuna: points per search, each run on every subset seed of the spec")
+    p.add_argument("--max-concurrent", type=int, default=None, metavar="N",
+                   help="at most N Tune trials (Optuna: points) at once; overrides the spec's max_concurrent "
+                        "(default: grid unlimited, Optuna what one node fits)")
     p.add_argument("--pack", type=int, default=None, metavar="K",
                    help="train up to K compatible trials (FT, FP, NAD, NFT) as one computation; overrides the "
                         "spec's `pack` (1 = every trial alone). Each trial keeps its own row and MLflow run")
@@ -68,6 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if a.dry_run and a.search == "optuna":
+        from .search import searches
+
+        found = searches(spec)
+        log(f"study {spec.name!r}: optuna search, {len(found)} search(es) of {a.num_samples} point(s), each point on "
+            f"{len(spec.subset_seeds)} subset seed(s): up to {len(found) * a.num_samples * len(spec.subset_seeds)} "
+            f"trials; objectives: mean ACC (max), worst ASR over the seeds (min)")
+        for s in found:
+            log(f"  {s['name']}: {sorted(s['defense'].sweep) or 'no swept axis (its one point)'}")
+        return 0
     if a.dry_run:
         log(f"study {spec.name!r}: {len(trials)} trials ({a.search} search)\n{count_summary(spec, trials)}")
         if spec.pack > 1 and a.search == "grid":
@@ -109,6 +125,8 @@ def _setup(a: argparse.Namespace) -> tuple[StudySpec, Path, dict]:
     """The spec, the output directory and the state (MLflow URI; parent run id once known)."""
     if a.num_samples < 1:
         raise SpecError(f"--num-samples: must be >= 1, got {a.num_samples}")
+    if a.max_concurrent is not None and a.max_concurrent < 1:
+        raise SpecError(f"--max-concurrent: must be >= 1, got {a.max_concurrent}")
     if a.pack is not None and a.pack < 1:
         raise SpecError(f"--pack: must be >= 1 (trials per pack; 1 = no packing), got {a.pack}")
     if a.resume is not None:
@@ -129,6 +147,8 @@ def _setup(a: argparse.Namespace) -> tuple[StudySpec, Path, dict]:
         state = {}
     if a.pack is not None:
         spec.pack = a.pack
+    if a.max_concurrent is not None:
+        spec.max_concurrent = a.max_concurrent
     if a.save_models != "none" and spec.pack > 1:
         spec.pack = 1  # a pack trains its members as one network: models are saved per unpacked trial
     state.setdefault("tracking_uri", a.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_MLFLOW_URI)

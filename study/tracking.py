@@ -34,7 +34,8 @@ from .spec import StudySpec, attack_label  # attack_label lives in spec (no Ray 
 BASE_COLUMNS = ["trial_id", "defense", "victim_id", "attack", "trigger_size", "lr", "lam", "clean_fraction",
                 "generator_size", "subset_seed", "acc", "asr", "acc_drop", "status", "mlflow_run_id"]
 EXTRA_COLUMNS = ["asr_eq9", "ra", "asr_x4", "asr_x9", "acc_before", "asr_before", "shots", "clean_images",
-                 "seconds", "trial_seconds", "error", "node_id", "node_ip", "retries", "pack_size", *SUMMARY_KEYS]
+                 "seconds", "trial_seconds", "error", "node_id", "node_ip", "retries", "pack_size", *SUMMARY_KEYS,
+                 "point_id", "started_at", "ended_at"]  # point_id: an Optuna point's seeds share it
 EPOCH_COLUMNS = ["trial_id", "epoch", "acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9", *SUMMARY_KEYS,
                  "per_stage"]  # per_stage: JSON of the per-stage / per-layer diagnostics
 FINAL_METRICS = ("acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9", "acc_before", "asr_before", "acc_drop",
@@ -270,7 +271,8 @@ class StudyRecorder(tune.Callback):
                "attack": attack_label(v["spec"]), "trigger_size": v["spec"]["attack_params"].get("trigger_size", ""),
                "clean_fraction": t["clean_fraction"] if t["clean_fraction"] is not None else "",
                "shots": t["shots"] if t["shots"] is not None else "", "subset_seed": t["subset_seed"],
-               "status": status, "mlflow_run_id": run_id, "error": error}
+               "status": status, "mlflow_run_id": run_id, "error": error, "point_id": t.get("point_id", ""),
+               **{k: final[k] for k in ("started_at", "ended_at") if k in final}}
         for axis, per_defense in GENERIC_AXES.items():  # effective values, swept or not
             field = per_defense.get(t["defense"])
             row[axis] = config.get(field, "") if field else ""

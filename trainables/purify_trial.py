@@ -10,8 +10,9 @@ import ray
 import torch
 from ray import tune
 
+from backdoor.defenses import build_defense
 from backdoor.diagnostics import is_diagnostic
-from backdoor.packing import Member, run_pack
+from backdoor.packing import Member, pack_refusal, run_pack
 from backdoor.purify import run_defense
 from backdoor.victims import unpack_victim
 
@@ -19,33 +20,50 @@ METRICS = ("acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9")
 
 
 def resolve_members(config: dict, base: dict | None = None) -> list[dict]:
-    """The trials a Tune config stands for: the members of a pack (`{"trial": {"pack": [...]}}`),
-    else the one trial `resolve_trial` gives."""
+    """The trials a Tune config stands for: the members of a pack (`{"trial": {"pack": [...]}}`);
+    with a searcher's `base` that names `subset_seeds` (an Optuna point), the point on every
+    subset seed; else the one trial `resolve_trial` gives."""
     unit = config.get("trial")
     if base is None and isinstance(unit, dict) and "pack" in unit:
         return list(unit["pack"])
+    if base is not None and base.get("subset_seeds"):
+        return [resolve_trial(config, {**base, "subset_seed": s}) for s in base["subset_seeds"]]
     return [resolve_trial(config, base)]
 
 
 def resolve_trial(config: dict, base: dict | None = None) -> dict:
     """The trial a Tune config stands for: `config["trial"]` on a grid; with a searcher
-    (Optuna), `base` plus the sampled `axis:<name>` values mapped to config fields."""
+    (Optuna), `base` plus the sampled `axis:<name>` values mapped to config fields. A sampled
+    trial's id is a hash of what it is, salted by its search (victim, defence entry, budget);
+    its `point_id` leaves the subset seed out, so the point's seeds share it."""
     if base is None:
         return config["trial"]
-    trial = {**base, "axes": dict(base.get("axes", {})), "config": dict(base["config"])}
+    trial = {k: v for k, v in base.items() if k not in ("subset_seeds", "pack")}
+    trial.update(axes=dict(base.get("axes", {})), config=dict(base["config"]))
     for key, value in config.items():
         if key.startswith("axis:"):
             name = key[5:]
-            if name in ("clean_fraction", "shots", "subset_seed"):
-                trial[name] = value
-            else:
-                trial["axes"][name] = value
-                trial["config"][base["fields"][name]] = value
-    if trial.get("trial_id") is None:  # a sampled point: its id is a hash of what it is (salted by victim/entry)
-        key = json.dumps({k: trial[k] for k in ("defense", "config", "clean_fraction", "shots", "subset_seed")},
-                         sort_keys=True, default=str)
-        trial["trial_id"] = base["id_salt"] + hashlib.sha256(key.encode()).hexdigest()[:8]
+            trial["axes"][name] = value
+            trial["config"][base["fields"][name]] = value
+    if trial.get("trial_id") is None:
+        what = {k: trial[k] for k in ("defense", "config", "clean_fraction", "shots")}
+        trial["point_id"] = base["id_salt"] + _digest(what)
+        trial["trial_id"] = base["id_salt"] + _digest({**what, "subset_seed": trial["subset_seed"]})
     return trial
+
+
+def _digest(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def point_objective(finals: list[dict]) -> dict:
+    """What a searcher scores a point by, from its seeds' final reports: the mean clean ACC and
+    the worst (highest) ASR over the seeds, as a defender who cannot choose the lucky subset
+    would see it. NaN for both when any seed failed (the searcher records a failed point)."""
+    if not finals or any(f.get("status") != "finished" for f in finals):
+        return {"acc": math.nan, "worst_asr": math.nan}
+    return {"acc": sum(float(f["acc"]) for f in finals) / len(finals),
+            "worst_asr": max(float(f["asr"]) for f in finals)}
 
 
 def _reported(metrics: dict) -> dict:
@@ -55,31 +73,61 @@ def _reported(metrics: dict) -> dict:
 
 def purify_trial(config: dict, victims: dict, base: dict | None = None, cpus_per_trial: float = 1.0,
                  save_dir: str | None = None) -> None:
-    """One trial. Reports every epoch (`epoch`, ACC, ASR, ...) and a final row with
-    `done=True`; a trial that raises reports `status="failed"` and the error text instead
-    (so the study records it and goes on). `save_dir`: write the purified model there as
-    `<trial id>.safetensors` + `.json` (`backdoor.export`; a path every node can write)."""
+    """One Tune trial: one study trial, a pack, or an Optuna point on every subset seed.
+    Reports every epoch (`epoch`, ACC, ASR, ...) and a final row with `done=True`; a trial
+    that raises reports `status="failed"` and the error text instead (so the study records it
+    and goes on). `save_dir`: write the purified model there as `<trial id>.safetensors` +
+    `.json` (`backdoor.export`; a path every node can write)."""
     torch.set_num_threads(max(1, int(cpus_per_trial)))
     members = resolve_members(config, base)
     t0 = time.perf_counter()
     ctx = ray.get_runtime_context()
     where = {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}  # which node ran it
+    if base is not None and base.get("subset_seeds"):
+        return _point_trial(members, victims, t0, where, pack=bool(base.get("pack")), save_dir=save_dir)
     if len(members) > 1:
-        return _pack_trial(members, victims, t0, where)
-    trial = members[0]
+        _pack_trial(members, victims, t0, where)
+        tune.report({"done": True, "pack_size": len(members)})
+        return
+    final = _one(members[0], victims, save_dir, lambda epoch, m: tune.report({"epoch": epoch, **_reported(m)}))
+    tune.report({"done": True, **final, "trial_seconds": time.perf_counter() - t0, **where})
+
+
+def _one(trial: dict, victims: dict, save_dir: str | None, on_metrics) -> dict:
+    """Run one study trial; its final report (ACC, ASR, ..., or the failure)."""
+    started = time.time()
     try:
         victim = unpack_victim(victims[trial["victim_index"]], device="auto")
         out = run_defense(victim, trial["defense"], trial["config"], clean_fraction=trial["clean_fraction"],
                           shots=trial["shots"], subset_seed=trial["subset_seed"], seed=trial["subset_seed"],
                           clean_rule=trial.get("clean_rule", "balanced"),
-                          log=lambda m: None, keep_model=save_dir is not None,
-                          on_metrics=lambda epoch, m: tune.report({"epoch": epoch, **_reported(m)}))
+                          log=lambda m: None, keep_model=save_dir is not None, on_metrics=on_metrics)
         if save_dir is not None:
             _save(out, victim, trial, save_dir)
     except Exception as err:  # noqa: BLE001 - any failure is a result to record, not a crash of the study
-        tune.report({"done": True, **_failed(err), "trial_seconds": time.perf_counter() - t0, **where})
-        return
-    tune.report({"done": True, **_final(out), "trial_seconds": time.perf_counter() - t0, **where})
+        return {**_failed(err), "started_at": started, "ended_at": time.time()}
+    return {**_final(out), "started_at": started, "ended_at": time.time()}
+
+
+def _point_trial(members: list[dict], victims: dict, t0: float, where: dict, *, pack: bool,
+                 save_dir: str | None) -> None:
+    """An Optuna point: the same hyperparameters on every subset seed (one member each), as
+    one pack when the spec packs and the defence can be, else one seed after another. Each
+    member reports as a pack's members do; the closing report carries the point's objective
+    (`point_objective`: mean ACC, worst ASR over the seeds), which the searcher reads."""
+    first = members[0]
+    if pack and len(members) > 1 and save_dir is None and not pack_refusal(
+            first["defense"], build_defense(first["defense"], first["config"]).config):
+        finals = _pack_trial(members, victims, t0, where)
+    else:
+        finals = []
+        for t in members:
+            final = _one(t, victims, save_dir, lambda epoch, m, tid=t["trial_id"]: tune.report(
+                {"member": tid, "epoch": epoch, **_reported(m)}))
+            tune.report({"member": t["trial_id"], "member_final": True, **final,
+                         "trial_seconds": time.perf_counter() - t0, **where})
+            finals.append(final)
+    tune.report({"done": True, **point_objective(finals), "seeds": len(members)})
 
 
 def _save(out: dict, victim, trial: dict, save_dir: str) -> None:
@@ -107,12 +155,13 @@ def _failed(err: BaseException) -> dict:
     return {"status": "failed", "error": f"{type(err).__name__}: {err}"[:2000], "acc": math.nan, "asr": math.nan}
 
 
-def _pack_trial(members: list[dict], victims: dict, t0: float, where: dict) -> None:
+def _pack_trial(members: list[dict], victims: dict, t0: float, where: dict) -> list[dict]:
     """A pack: K trials of one defence on one victim as one computation (`backdoor.packing`).
     Every report names its member (`member`: the trial id): per-epoch metrics, then one
-    `member_final` report per member; the last report (`done=True`) closes the pack. A member
+    `member_final` report per member; the caller's last report (`done=True`) closes the pack. A member
     that fails (diverges) is that member's failed report; an error of the whole pack fails
-    every member with its text."""
+    every member with its text. Returns the members' final reports (the caller closes)."""
+    started = time.time()
     ids = [t["trial_id"] for t in members]
     first = members[0]
     try:
@@ -125,9 +174,12 @@ def _pack_trial(members: list[dict], victims: dict, t0: float, where: dict) -> N
                                                                           **_reported(metrics)}))
     except Exception as err:  # noqa: BLE001 - the pack failed as a whole: every member records it
         outs = [err] * len(members)
-    seconds = time.perf_counter() - t0
+    seconds, ended = time.perf_counter() - t0, time.time()
+    finals = []
     for tid, out in zip(ids, outs):
-        final = _failed(out) if isinstance(out, BaseException) else _final(out)
+        final = {**(_failed(out) if isinstance(out, BaseException) else _final(out)),
+                 "started_at": started, "ended_at": ended}
         tune.report({"member": tid, "member_final": True, **final, "trial_seconds": seconds,
                      "pack_size": len(members), **where})
-    tune.report({"done": True, "pack_size": len(members)})
+        finals.append(final)
+    return finals
