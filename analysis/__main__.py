@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .analyze import analyze
 from .failures import CollapseRule
@@ -33,13 +34,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="a trial whose most frequent predicted class takes this share of the test set is collapsed (0.5)")
     p.add_argument("--collapse-acc", type=float, default=0.0,
                    help="a trial below this ACC (%%) is collapsed too (0: the share rule alone)")
+    p.add_argument("--min-victim-asr", type=float, default=None, metavar="PCT",
+                   help="a victim whose ASR before any defence is below PCT has no backdoor: its trials are labelled "
+                        "'no backdoor' and left out of fits, measures and ranking (default: the study's "
+                        "min_victim_asr in DIR/study.yaml, else 80)")
     p.add_argument("--keep-collapsed", action="store_true", help="keep collapsed trials in the curve fits")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits per curve (0: no bands) (200)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
     p.add_argument("--no-plots", action="store_true", help="fits and report only")
     a = p.parse_args(argv)
     try:
-        th = Thresholds(safe_asr=a.safe_asr, safe_drop=a.safe_drop, selection=a.selection)
+        th = Thresholds(safe_asr=a.safe_asr, safe_drop=a.safe_drop, selection=a.selection,
+                        min_victim_asr=_min_victim_asr(a.min_victim_asr, Path(a.directory)))
         if a.bootstrap < 0:
             raise ValueError(f"--bootstrap: {a.bootstrap} must be >= 0")
         collapse = CollapseRule(share=a.collapse_share, min_acc=a.collapse_acc)
@@ -53,6 +59,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{attack}{s['rank']}. {s['defense']:5s} safe {s['safe_share'] * 100:3.0f}%  "
               f"pick ASR {s['pick_asr']:6.2f}  worst ASR {s['worst_asr']:6.2f}  mean ACC {s['mean_acc']:6.2f}")
     return 0
+
+
+def _min_victim_asr(given: float | None, directory: Path) -> float:
+    """--min-victim-asr, else the study's own `min_victim_asr` (DIR/study.yaml), else the default."""
+    if given is not None:
+        return given
+    spec = directory / "study.yaml"
+    if spec.is_file():
+        import yaml
+
+        raw = yaml.safe_load(spec.read_text(encoding="utf-8"))
+        if isinstance(raw, dict) and isinstance(raw.get("min_victim_asr"), (int, float)):
+            return float(raw["min_victim_asr"])
+    return Thresholds.min_victim_asr
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import pandas as pd
 
 from . import plots
 from .attacks import amplified_groups, attack_table
-from .failures import CollapseRule, label_trials, what_went_wrong
+from .failures import CollapseRule, label_trials, no_backdoor, weak_victims, what_went_wrong
 from .logistic import LogisticFit, fit_logistic
 from .measures import Thresholds, groups, key_fields, rank, summarize
 from .report import write_report
@@ -67,6 +67,8 @@ def measure_study(df: pd.DataFrame, *, thresholds: Thresholds = Thresholds(), fo
         raise ValueError(f"fit_min_acc: {fit_min_acc} must be in [0, 100)")
     if labels is None:
         labels = label_trials(df, thresholds, collapse)
+    keep = ~no_backdoor(df, thresholds)      # a victim without a backdoor measures nothing
+    df, labels = df[keep], labels[keep]
     fits = fit_all(df, form=form, n_boot=n_boot, seed=seed, min_acc=fit_min_acc,
                    exclude=None if keep_collapsed else labels == "collapsed")
     summaries = []
@@ -93,14 +95,19 @@ def analyze(directory: str | Path, *, thresholds: Thresholds = Thresholds(), for
     labels = label_trials(df, thresholds, collapse)
     fits, summaries, ranking = measure_study(df, thresholds=thresholds, form=form, n_boot=n_boot, seed=seed,
                                              fit_min_acc=fit_min_acc, keep_collapsed=keep_collapsed, labels=labels)
-    went_wrong = what_went_wrong(df, labels)
+    weak = weak_victims(df, thresholds)
+    went_wrong = what_went_wrong(df, labels, weak, thresholds)
+    for w in weak:
+        log(f"analysis: victim {w['victim_id']} ({w['attack']}) had ASR {w['asr_before']:.1f}% before any defence "
+            f"(< {thresholds.min_victim_asr:g}%): {w['trials']} trial(s) labelled 'no backdoor', left out")
+    df = df[~no_backdoor(df, thresholds)]      # measures, plots and tables: victims with a backdoor only
     log("analysis: " + ", ".join(f"{n} {k}" for k, n in labels.value_counts().items()))
     log("What went wrong:\n" + went_wrong)
     log(f"analysis: {len(fits)} fits ({sum(f.degenerate for f in fits.values())} degenerate), "
         f"{time.perf_counter() - t0:.1f} s")
 
     figures: dict[str, Path] = {}
-    if make_plots:
+    if make_plots and len(df):
         plot_dir = directory / "plots"
         picks = {i for s in ranking for i in s["pick_ids"]}  # pooled rows: every budget's picks
         palette = plots.colors(list(dict.fromkeys(df["defense"])))

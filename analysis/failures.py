@@ -6,7 +6,10 @@ A finished trial is exactly one of:
 - `not purified`: ASR above the safe level;
 - `too costly`: ASR at or below the safe level, but ACC dropped more than the safe drop;
 - `safe`: ASR at or below the safe level within the safe drop (the report's "safe").
-A trial that did not finish is `failed`. The section then gives, per defence, the median of
+A trial that did not finish is `failed`. Before all of these, a finished trial on a victim whose
+ASR before any defence (`asr_before`) was below `min_victim_asr` is `no backdoor`: the attack
+did not take, so its low ASR says nothing about the defence (kept out of fits, measures and the
+ranking; counted here). The section then gives, per defence, the median of
 each recorded diagnostic (`backdoor.diagnostics`, last epoch, in results.csv) per label, and
 names in plain words the diagnostics whose values do not overlap between the not-purified (or
 collapsed) trials and the purified ones (safe or too costly), where each side has >= 2 trials.
@@ -37,6 +40,28 @@ class CollapseRule:
             raise ValueError(f"collapse_acc (--collapse-acc): {self.min_acc} must be in [0, 100)")
 
 
+def no_backdoor(df: pd.DataFrame, th: Thresholds) -> pd.Series:
+    """Per trial: True when its victim's ASR before any defence (`asr_before`, the highest any
+    of the victim's trials recorded) is below `th.min_victim_asr`. False when unknown."""
+    if "asr_before" not in df.columns:
+        return pd.Series(False, index=df.index)
+    before = pd.to_numeric(df["asr_before"], errors="coerce")
+    if "victim_id" in df.columns:
+        before = before.groupby(df["victim_id"]).transform("max")
+    return (before < th.min_victim_asr).fillna(False).astype(bool)
+
+
+def weak_victims(df: pd.DataFrame, th: Thresholds) -> list[dict]:
+    """The victims `no_backdoor` marks: victim id, attack, ASR before, trials."""
+    weak = df[no_backdoor(df, th)]
+    if not len(weak):
+        return []
+    by = weak.groupby("victim_id", sort=False) if "victim_id" in weak.columns else [("?", weak)]
+    return [{"victim_id": v, "attack": str(rows["attack"].iloc[0]) if "attack" in rows.columns else "?",
+             "asr_before": float(pd.to_numeric(rows["asr_before"], errors="coerce").max()), "trials": len(rows)}
+            for v, rows in by]
+
+
 def label_trials(df: pd.DataFrame, th: Thresholds, rule: CollapseRule = CollapseRule()) -> pd.Series:
     """One label per trial (see the module docstring), indexed like `df`."""
     share = df["top_share"] if "top_share" in df.columns else pd.Series(np.nan, index=df.index)
@@ -44,6 +69,7 @@ def label_trials(df: pd.DataFrame, th: Thresholds, rule: CollapseRule = Collapse
     labels = np.where(collapsed, "collapsed",
                       np.where(df["asr"] > th.safe_asr, "not purified",
                                np.where(df["acc_drop"] > th.safe_drop, "too costly", "safe")))
+    labels = np.where(no_backdoor(df, th), "no backdoor", labels)
     return pd.Series(np.where(df["status"] == "finished", labels, "failed"), index=df.index)
 
 
@@ -78,10 +104,10 @@ def explain(defense: str, rows: pd.DataFrame, labels: pd.Series) -> list[str]:
     """The plain-words findings for one defence's trials."""
     n = len(rows)
     counts = labels.value_counts()
-    lines = [f"**{defense}** ({n} trial{'s' if n != 1 else ''}): " + ", ".join(f"{int(counts.get(k, 0))} {k}" for k in (*LABELS, "failed")
+    lines = [f"**{defense}** ({n} trial{'s' if n != 1 else ''}): " + ", ".join(f"{int(counts.get(k, 0))} {k}" for k in (*LABELS, "no backdoor", "failed")
                                                           if counts.get(k, 0) or k in LABELS)]
-    done = rows[labels != "failed"]
-    lab = labels[labels != "failed"]
+    done = rows[~labels.isin(["failed", "no backdoor"])]
+    lab = labels[~labels.isin(["failed", "no backdoor"])]
     collapsed = done[lab == "collapsed"]
     if len(collapsed) and "top_share" in done.columns and collapsed["top_share"].notna().any():
         lines.append(f"- Collapsed trials put a median {_median(collapsed, 'top_share'):.0%} of the test predictions "
@@ -131,9 +157,15 @@ def _separating(done: pd.DataFrame, lab: pd.Series, present: list[str], worse: s
     return out
 
 
-def what_went_wrong(df: pd.DataFrame, labels: pd.Series) -> str:
-    """The report section: per defence, label counts and what the diagnostics say."""
-    parts = []
+def what_went_wrong(df: pd.DataFrame, labels: pd.Series, weak: list[dict] | None = None,
+                    th: Thresholds = Thresholds()) -> str:
+    """The report section: the victims without a backdoor (`weak_victims`), then per defence
+    label counts and what the diagnostics say."""
+    parts = [f"- **No backdoor**: victim `{w['victim_id']}` ({w['attack']}) had ASR {w['asr_before']:.1f}% before any "
+             f"defence, below min_victim_asr {th.min_victim_asr:g}%: the attack did not take, so its {w['trials']} "
+             f"trial(s) are labelled *no backdoor* (not safe) and left out of the fits, measures, ranking and plots."
+             for w in weak or []]
+    parts += [""] if parts else []
     for defense in dict.fromkeys(df["defense"]):
         rows = df[df["defense"] == defense]
         parts += explain(defense, rows, labels[rows.index]) + [""]

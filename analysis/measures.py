@@ -35,12 +35,16 @@ class Thresholds:
     safe_asr: float = 5.0        # percent
     safe_drop: float = 2.0       # accuracy points
     selection: str = "within_drop"
+    min_victim_asr: float = 80.0  # percent: a victim below it before any defence has no backdoor (its trials
+    #                               are labelled so and kept out of fits, measures and ranking)
 
     def __post_init__(self):
         if not 0 <= self.safe_asr <= 100:
             raise ValueError(f"safe_asr: {self.safe_asr} must be in [0, 100]")
         if self.safe_drop < 0:
             raise ValueError(f"safe_drop: {self.safe_drop} must be >= 0")
+        if not 0 <= self.min_victim_asr <= 100:
+            raise ValueError(f"min_victim_asr: {self.min_victim_asr} must be in [0, 100]")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection: {self.selection!r} is not one of {SELECTIONS}")
 

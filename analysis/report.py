@@ -100,7 +100,7 @@ def write_report(directory: Path, df: pd.DataFrame, summaries: list[dict], ranki
     parts += [""] + [fig(k, k) for k in figures if k.startswith("vs_")]
     parts += ["", "## ACC-ASR trade-off fits", "",
               "ASR = L + (U - L) / (1 + exp(-k (ACC - c))), bounded least squares; brackets: "
-              f"{_f(next(iter(fits.values())).level * 100, 0)}% bootstrap intervals. Every fit is also in "
+              f"{_f(next(iter(fits.values())).level * 100, 0) if fits else '-'}% bootstrap intervals. Every fit is also in "
               "`fits.json`." + (f" Trials with ACC below {fit_min_acc:g}% are left out of the fits "
                                 f"({int(((df['status'] == 'finished') & (df['acc'] < fit_min_acc)).sum())} trials)."
                                 if fit_min_acc > 0 else "") + _collapsed_note(labels, keep_collapsed), ""]

@@ -38,6 +38,7 @@ from .export import SAVE_MODELS
 from .imports import ImportSpec, get_victim, import_spec
 from .models import MODELS
 from .victims import Victim, VictimSpec
+from .weak_victim import MIN_VICTIM_ASR, check_threshold, victim_warning
 
 
 def run_defense(victim: Victim, defense: str | Defense, defense_config: dict | None = None, *,
@@ -248,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                         "gives them (instead of --attack)")
     p.add_argument("--data-root", default=None, help="dataset directory (a BackdoorBench result's clean data: an "
                    "image folder root/train/<class>/*, root/test/<class>/*, or torchvision's copy)")
+    p.add_argument("--min-victim-asr", type=float, default=MIN_VICTIM_ASR, metavar="PCT",
+                   help="warn when the victim's ASR before the defence is below PCT (its backdoor did not take; "
+                        f"default {MIN_VICTIM_ASR:g})")
     p.add_argument("--save-models", default="best", choices=list(SAVE_MODELS),
                    help="write the purified model as safetensors + JSON under --out (best = all = the one model a "
                         "purify run makes; default best)")
@@ -276,7 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         spec = victim_from_args(a, victim_fields)
         deadline = Deadline(a.time_limit) if a.time_limit is not None else None
         cache_dir = a.cache_dir if a.cache_dir is not None else default_cache_dir() / "victims"
+        threshold = check_threshold(a.min_victim_asr, "--min-victim-asr")
         victim = get_victim(spec, cache_dir, data_root=a.data_root, device=a.device, log=log, deadline=deadline)
+        warning = victim_warning(victim.spec.to_dict(), victim.metrics, threshold)
+        if warning:
+            log(warning)
         clean = {"fraction": a.clean_fraction, "shots": a.shots, "subset_seed": a.subset_seed, "rule": a.clean_rule}
         checkpoint = defense_checkpoint(victim, defense, cache_dir, job="purify", clean=clean, seed=a.seed,
                                         precision=a.precision, deadline=deadline, log=log)
@@ -291,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"purified model: {out['saved'][0]}")
         out["wall_seconds"] = time.perf_counter() - t0
         out["precision"] = a.precision
+        if warning:
+            out["warnings"] = [warning]
     except Incomplete as err:
         print(str(err), file=sys.stderr)
         return EXIT_INCOMPLETE

@@ -32,6 +32,7 @@ from .imports.spec import ImportSpec, is_import
 from .models import MODELS, build_model, model_from_state
 from .runtime import prepare_model, resolve_device, seed_everything
 from .train import SCHEDULES, TrainConfig, train_classifier
+from .weak_victim import MIN_VICTIM_ASR, check_threshold, victim_warning
 
 CACHE_FORMAT = 1
 # Fields added after cache format 1: `to_dict` leaves them out while they hold these defaults,
@@ -418,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="stop cleanly before this many seconds (exit 3), checkpointing into the cache; the same "
                         "command continues")
+    p.add_argument("--min-victim-asr", type=float, default=MIN_VICTIM_ASR, metavar="PCT",
+                   help=f"warn when the victim's ASR is below PCT: its backdoor did not take (default {MIN_VICTIM_ASR:g})")
     a = p.parse_args(argv)
     given = {k: v for k, v in vars(a).items() if v is not None and k in {f.name for f in dataclasses.fields(VictimSpec)}}
     try:
@@ -438,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
                               compile=a.compile, log=lambda m: print(m, file=sys.stderr, flush=True),
                               deadline=deadline)
         wall = time.perf_counter() - t0
+        warning = victim_warning(spec.to_dict(), victim.metrics, check_threshold(a.min_victim_asr, "--min-victim-asr"))
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     except Incomplete as err:
         print(str(err), file=sys.stderr)
         return EXIT_INCOMPLETE

@@ -14,6 +14,7 @@ from ray import tune
 
 import analysis
 from backdoor.data import clean_subset
+from backdoor.weak_victim import victim_warning
 from trainables.purify_trial import purify_trial, resolve_members
 from trainables.victim_stage import victim_task
 
@@ -78,7 +79,11 @@ def prepare_victims(spec: StudySpec, args, log) -> dict[int, dict]:
     for i, p in enumerate(packed):
         log(f"  victim {i}: {p['victim_id']} ACC {p['metrics']['acc']:.2f}%  ASR {p['metrics']['asr']:.2f}%"
             f"{' (cache)' if p['from_cache'] else ''}")
+        warning = victim_warning(p["spec"], p["metrics"], spec.min_victim_asr)
+        if warning:
+            log(f"  victim {i}: {warning}")
     return dict(enumerate(packed))
+
 
 
 def check_budgets(spec: StudySpec, victims: dict[int, dict]) -> None:
@@ -151,7 +156,7 @@ def run_study(spec: StudySpec, trials: list[dict], out: Path, state: dict, done_
             failed = run_optuna(spec, out, recorder_kwargs, kwargs, num_samples=args.num_samples, nodes=nodes,
                                 tuner=lambda *a, **k: _tuner(spec, *a, **k), tune_dir=storage, log=log)
         status = "FINISHED"
-        analysed = run_analysis(out, log)
+        analysed = run_analysis(out, log, spec.min_victim_asr)
         if save_models != "none":
             keep_models(out, analysed, save_models, client, log)
     finally:
@@ -165,11 +170,11 @@ def run_study(spec: StudySpec, trials: list[dict], out: Path, state: dict, done_
     return failed
 
 
-def run_analysis(out: Path, log) -> dict | None:
+def run_analysis(out: Path, log, min_victim_asr: float) -> dict | None:
     """Fits, plots and report of the finished study (python -m analysis OUT does the same).
     A failure here is reported, never allowed to fail a study whose trials are recorded."""
     try:
-        return analysis.analyze(out, log=log)
+        return analysis.analyze(out, thresholds=analysis.Thresholds(min_victim_asr=min_victim_asr), log=log)
     except Exception as err:  # noqa: BLE001
         log(f"analysis failed ({type(err).__name__}: {err}); rerun it with: python -m analysis {out}")
         return None

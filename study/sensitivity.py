@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from backdoor.weak_victim import check_threshold, victim_warning
+
 from .spec import SpecError, StudySpec, count_summary, expand_trials, load_spec, output_dir, parse_spec, read_yaml
 from .tracking import read_results
 
@@ -54,6 +56,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-concurrent", type=int, default=None, metavar="N",
                    help="at most N Tune trials (Optuna: points) at once; overrides the spec's max_concurrent "
                         "(default: grid unlimited, Optuna what one node fits)")
+    p.add_argument("--min-victim-asr", type=float, default=None, metavar="PCT",
+                   help="a victim whose ASR before any defence is below PCT has no backdoor: warned about, its trials "
+                        "labelled 'no backdoor' and left out of fits and ranking; overrides the spec's "
+                        "min_victim_asr (default 80)")
     p.add_argument("--pack", type=int, default=None, metavar="K",
                    help="train up to K compatible trials (FT, FP, NAD, NFT) as one computation; overrides the "
                         "spec's `pack` (1 = every trial alone). Each trial keeps its own row and MLflow run")
@@ -75,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if a.dry_run and a.search == "optuna":
+        for line in cached_victim_lines(spec, a.cache_dir):
+            log(line)
         from .search import searches
 
         found = searches(spec)
@@ -86,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.dry_run:
         log(f"study {spec.name!r}: {len(trials)} trials ({a.search} search)\n{count_summary(spec, trials)}")
+        for line in cached_victim_lines(spec, a.cache_dir):
+            log(line)
         if spec.pack > 1 and a.search == "grid":
             from .packs import group_trials, pack_summary
             log(f"  {pack_summary(group_trials(trials, spec.pack), spec.pack)}")
@@ -121,6 +131,32 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if n_failed or failed else 0
 
 
+def cached_victim_lines(spec: StudySpec, cache_dir: str | None) -> list[str]:
+    """For the dry run: one line per victim already in the cache (its ACC / ASR), with the
+    no-backdoor warning for one below `min_victim_asr`; victims not yet trained are not looked at."""
+    from backdoor.data.sources import default_cache_dir
+
+    root = Path(cache_dir) if cache_dir else default_cache_dir() / "victims"
+    metas = []
+    for path in sorted(root.glob("*.json")) if root.is_dir() else []:
+        try:
+            metas.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    lines = []
+    for i, v in enumerate(spec.victims):
+        d = v.to_dict()
+        meta = next((m for m in metas if m.get("spec") == d and "metrics" in m), None)
+        if meta is None:
+            continue
+        m = meta["metrics"]
+        lines.append(f"  victim {i}: {meta.get('victim_id')} in the cache: ACC {m['acc']:.2f}%  ASR {m['asr']:.2f}%")
+        warning = victim_warning(d, m, spec.min_victim_asr)
+        if warning:
+            lines.append(f"  victim {i}: {warning}")
+    return lines
+
+
 def _setup(a: argparse.Namespace) -> tuple[StudySpec, Path, dict]:
     """The spec, the output directory and the state (MLflow URI; parent run id once known)."""
     if a.num_samples < 1:
@@ -149,6 +185,11 @@ def _setup(a: argparse.Namespace) -> tuple[StudySpec, Path, dict]:
         spec.pack = a.pack
     if a.max_concurrent is not None:
         spec.max_concurrent = a.max_concurrent
+    if a.min_victim_asr is not None:
+        try:
+            spec.min_victim_asr = check_threshold(a.min_victim_asr, "--min-victim-asr")
+        except ValueError as err:
+            raise SpecError(str(err)) from err
     if a.save_models != "none" and spec.pack > 1:
         spec.pack = 1  # a pack trains its members as one network: models are saved per unpacked trial
     state.setdefault("tracking_uri", a.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_MLFLOW_URI)

@@ -21,6 +21,7 @@
     tracking: {experiment: quick}  # MLflow experiment (default: the study name)
     failures: {max_retries: 2}     # a trial whose worker dies (node lost) runs again up to 2 times
     pack: 1                        # up to this many compatible trials train as one computation (backdoor.packing)
+    min_victim_asr: 80             # a victim below this ASR (%) has no backdoor: warned, its trials labelled so
 
 A victim made elsewhere is an entry `{backdoorbench: PATH, data_root: DIR, bb_root: DIR}` or
 `{checkpoint: FILE, model: NAME, dataset: NAME, attack: ... | poisoned_test: DIR}`
@@ -58,11 +59,12 @@ from backdoor.defenses import DEFENSES, build_defense
 from backdoor.recipes import PAPER_VICTIMS, paper_victim
 from backdoor.imports import ImportSpec, import_spec, is_import
 from backdoor.victims import VictimSpec
+from backdoor.weak_victim import MIN_VICTIM_ASR, check_threshold
 from search_spaces import Axis, config_field, parse_axis
 
 PRESETS = Path(__file__).parent / "presets"
 TOP_KEYS = {"name", "description", "victims", "defenses", "clean", "resources", "tracking", "max_concurrent",
-            "failures", "pack"}
+            "failures", "pack", "min_victim_asr"}
 # what one element of a victim entry's `attacks:` may set (the VictimSpec fields that make the attack)
 ATTACK_FIELDS = ("attack", "attack_params", "target", "target_mode", "poison_rate", "poison_count")
 
@@ -103,6 +105,7 @@ class StudySpec:
     max_retries: int = 2           # re-runs of a trial whose actor died; an error inside a trial is recorded
     pack: int = 1                  # trials per pack (study.packs); 1 = every trial alone
     clean_rule: str = "balanced"   # how clean subsets are drawn (backdoor.data.clean_subset)
+    min_victim_asr: float = MIN_VICTIM_ASR   # below it a victim's backdoor did not take (backdoor.weak_victim)
     description: str = ""
     raw: dict = field(default_factory=dict)   # the spec as read (written back as study.yaml)
     victim_sources: list[str] = field(default_factory=list)  # per victim: `victims[0]` or `victims[0].attacks[2]`
@@ -237,7 +240,12 @@ def parse_spec(raw: Any, source: str = "spec") -> StudySpec:
     pack = raw.get("pack", DEFAULT_PACK)
     if not (_int(pack) and pack >= 1):
         raise SpecError(f"pack: must be a positive integer (trials per pack; 1 = no packing), got {pack!r}")
+    try:
+        min_victim_asr = check_threshold(raw.get("min_victim_asr", MIN_VICTIM_ASR), "min_victim_asr")
+    except ValueError as err:
+        raise SpecError(str(err)) from err
     return StudySpec(name=name, victims=victims, defenses=defenses, fractions=fractions, shots=shots, pack=pack,
+                     min_victim_asr=min_victim_asr,
                      subset_seeds=seeds, cpu=float(cpu), gpu=float(gpu), max_retries=max_retries, clean_rule=clean_rule,
                      experiment=tracking.get("experiment") or name, max_concurrent=max_concurrent,
                      description=str(raw.get("description", "")), raw=raw, victim_sources=sources)

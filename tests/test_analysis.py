@@ -188,7 +188,7 @@ def test_fits_json_and_report_carry_the_ranking_and_every_fit(synthetic_study):
     assert ("ft", "1%") in groups and ("ft", "all") in groups and ("dhbe", "data-free") in groups
     ft = next(f for f in fits["fits"] if (f["defense"], f["budget"]) == ("ft", "4%"))
     assert ft["params"]["c"] == pytest.approx(93.0, abs=1.0) and ft["n_boot"] == 50 and not ft["degenerate"]
-    assert fits["thresholds"] == {"safe_asr": 5.0, "safe_drop": 2.0, "selection": "within_drop"}
+    assert fits["thresholds"] == {"safe_asr": 5.0, "safe_drop": 2.0, "selection": "within_drop", "min_victim_asr": 80.0}
     report = (d / "report.md").read_text()
     assert "## Ranking" in report and "| 1 |" in report
     for p in out["files"]:
