@@ -2,6 +2,11 @@
 
     python -m analysis runs/quick-20261125-103955
     python -m analysis runs/mine --safe-asr 2 --safe-drop 1 --selection max_acc --bootstrap 500
+    python -m analysis --mlflow-uri http://127.0.0.1:5000 --experiment quick --experiment quick-rerun --out both
+
+With --mlflow-uri the trials come from the tracking store instead (the child runs of every
+--experiment, studies run at different times or by different people analysed together):
+OUT/results.csv and OUT/epochs.csv are written from them, then analysed as a study directory.
 
 Exit code 0: written; 2: bad input (the message names the file or column).
 """
@@ -21,7 +26,12 @@ from .table import AnalysisError
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("directory", help="a study output directory (with results.csv; epochs.csv optional)")
+    p.add_argument("directory", nargs="?", help="a study output directory (with results.csv; epochs.csv optional)")
+    p.add_argument("--mlflow-uri", default=None, metavar="URI",
+                   help="read the trials from this MLflow tracking store instead of DIR (with --experiment, --out)")
+    p.add_argument("--experiment", action="append", default=None, metavar="NAME",
+                   help="with --mlflow-uri: a study's MLflow experiment; repeat to analyse several together")
+    p.add_argument("--out", default=None, metavar="DIR", help="with --mlflow-uri: where the table and analysis go")
     p.add_argument("--safe-asr", type=float, default=5.0, help="ASR (%%) at or below which a trial is safe (5)")
     p.add_argument("--safe-drop", type=float, default=2.0, help="largest ACC drop (points) a safe trial may cost (2)")
     p.add_argument("--selection", choices=SELECTIONS, default="within_drop",
@@ -43,7 +53,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
     p.add_argument("--no-plots", action="store_true", help="fits and report only")
     a = p.parse_args(argv)
+    if (a.mlflow_uri is None) == (a.directory is None):
+        p.error("give a study directory, or --mlflow-uri with --experiment and --out (not both)")
+    if a.mlflow_uri is not None and (not a.experiment or not a.out):
+        p.error("--mlflow-uri needs --experiment NAME (one or more) and --out DIR")
+    if a.mlflow_uri is None and (a.experiment or a.out):
+        p.error("--experiment / --out go with --mlflow-uri")
     try:
+        if a.mlflow_uri is not None:
+            # the reader lives with the study's MLflow code (study.mlflow_data): the analysis
+            # library itself never imports MLflow
+            from study.mlflow_data import write_study_files
+
+            write_study_files(a.mlflow_uri, a.experiment, a.out, log=lambda m: print(m, flush=True))
+            a.directory = a.out
         th = Thresholds(safe_asr=a.safe_asr, safe_drop=a.safe_drop, selection=a.selection,
                         min_victim_asr=_min_victim_asr(a.min_victim_asr, Path(a.directory)))
         if a.bootstrap < 0:

@@ -20,7 +20,8 @@ EPOCH_REQUIRED = ("trial_id", "epoch", "acc", "asr")
 # Columns that describe a trial but are not hyperparameter axes.
 NOT_AXES = {"trial_id", "defense", "victim_id", "attack", "status", "mlflow_run_id", "error", "subset_seed",
             "clean_fraction", "shots", "clean_images", "seconds", "trial_seconds", "budget", "budget_value",
-            "node_id", "node_ip", "retries", *NUMERIC}
+            "node_id", "node_ip", "retries", "pack_size", "point_id", "started_at", "ended_at", "experiment",
+            *NUMERIC}
 KNOWN_AXES = ("lr", "lam", "generator_size", "trigger_size")
 DATA_FREE = "data-free"
 

@@ -73,14 +73,17 @@ def label_summary(labels: torch.Tensor, num_classes: int, prefix: str = "") -> d
 def prediction_summary(pred_counts: torch.Tensor, class_correct: torch.Tensor, class_total: torch.Tensor
                        ) -> dict[str, float]:
     """Collapse and per-class accuracy from counts: `pred_counts[c]` test images predicted as c,
-    `class_correct[c]` / `class_total[c]` images of class c classified right / in all."""
+    `class_correct[c]` / `class_total[c]` images of class c classified right / in all.
+    `class_acc`: every class's accuracy (%, NaN for a class absent from the test set), a list."""
     total = float(pred_counts.sum())
     top = int(pred_counts.argmax())
     present = class_total > 0
     per_class = 100.0 * class_correct[present].double() / class_total[present].double()
+    every = [100.0 * float(k) / float(n) if n else float("nan") for k, n in zip(class_correct, class_total)]
     return {"top_class": float(top), "top_share": float(pred_counts[top]) / total if total else float("nan"),
             "class_acc_min": float(per_class.min()) if present.any() else float("nan"),
-            "class_acc_max": float(per_class.max()) if present.any() else float("nan")}
+            "class_acc_max": float(per_class.max()) if present.any() else float("nan"),
+            "class_acc": every}
 
 
 def _stage_sums(pairs: list[tuple[str, torch.Tensor]]) -> dict[str, list[float]]:

@@ -9,7 +9,8 @@
 - asr_x4 / asr_x9: headline ASR with the patch pasted 4 / 9 times (patch attacks only; the
   keys are absent for other attacks: not applicable, never 0).
 - top_class / top_share / class_acc_min / class_acc_max: collapse and per-class accuracy
-  (`backdoor.diagnostics.prediction_summary`), from the same clean predictions.
+  (`backdoor.diagnostics.prediction_summary`), from the same clean predictions; `class_acc`
+  lists every class's accuracy.
 
 An imported victim's attack (`attacks.stored.StoredTrigger`) has no trigger function: its ASR,
 RA and Eq. 9 come from its stored poisoned test images (`stored_counts`), and only those it

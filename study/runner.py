@@ -166,8 +166,23 @@ def run_study(spec: StudySpec, trials: list[dict], out: Path, state: dict, done_
         if (out / "plots").is_dir():
             client.log_artifacts(parent, str(out / "plots"), "plots")
         client.set_tag(parent, "trials_recorded", str(len(read_results(out / "results.csv"))))
+        if (out / "report.md").exists():   # the parent run's description in MLflow's UI
+            client.set_tag(parent, "mlflow.note.content", run_note((out / "report.md").read_text()))
         client.set_terminated(parent, status=status)
     return failed
+
+
+NOTE_LIMIT = 8000   # MLflow's longest tag value
+
+
+def run_note(report: str) -> str:
+    """report.md as a run description: whole when it fits MLflow's tag limit, else its leading
+    sections and a pointer to the full artifact."""
+    if len(report) <= NOTE_LIMIT:
+        return report
+    tail = "\n\n*(The rest of the report is in this run's artifact `report.md`.)*"
+    cut = report.rfind("\n## ", 0, NOTE_LIMIT - len(tail))
+    return report[: cut if cut > 0 else NOTE_LIMIT - len(tail)].rstrip() + tail
 
 
 def run_analysis(out: Path, log, min_victim_asr: float) -> dict | None:

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from backdoor.defenses import build_defense
 from backdoor.diagnostics import SUMMARY_KEYS, is_diagnostic
 from search_spaces import GENERIC_AXES
 
+from .mlflow_data import InputCatalog, class_table, stage_table
 from .spec import StudySpec, attack_label  # attack_label lives in spec (no Ray / MLflow for the dry run)
 
 BASE_COLUMNS = ["trial_id", "defense", "victim_id", "attack", "trigger_size", "lr", "lam", "clean_fraction",
@@ -68,8 +70,11 @@ class ResultsFile:
         else:  # resuming: keep the file's own header (it may predate newer columns)
             with open(path, newline="") as f:
                 self.columns = next(csv.reader(f), columns)
+        with open(path, newline="") as f:
+            self.count = sum(1 for _ in csv.DictReader(f))   # rows so far: the next row's position
 
     def append(self, *rows: dict) -> None:
+        self.count += len(rows)
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.columns, extrasaction="ignore").writerows(rows)
             f.flush()
@@ -156,6 +161,7 @@ class StudyRecorder(tune.Callback):
         self.t_start = time.perf_counter()
         # run names carry the attack only when it tells trials apart
         self.name_attacks = len({attack_label(v.to_dict()) for v in spec.victims}) > 1
+        self.inputs = InputCatalog(victims)
 
     # --- Tune callback hooks -------------------------------------------------------------------
     # A Tune trial is one study trial, or a pack of several (`study.packs`): `self.open` holds one
@@ -182,6 +188,8 @@ class StudyRecorder(tune.Callback):
                   "subset_seed": str(t["subset_seed"]), "clean_rule": t.get("clean_rule", "balanced"),
                   **_flat("axis.", t["axes"])}
         self.client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+        self._try(f"the inputs of trial {t['trial_id']}",
+                  lambda: self.client.log_inputs(run.info.run_id, datasets=self.inputs.for_trial(t)))
         return {"run_id": run.info.run_id, "trial": t, "epochs": [], "final": None, "config": full, "retries": 0}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -224,7 +232,9 @@ class StudyRecorder(tune.Callback):
     def _finish(self, trial, crash: str | None) -> None:
         """Close the MLflow runs of a Tune trial's members, then record all of their rows in one
         write, so a driver killed meanwhile leaves a pack either wholly recorded or not at all."""
-        ended = [self._finish_member(rec, crash) for rec in self.open.pop(trial.trial_id, {}).values()]
+        first = self.results.count   # the members' positions in results.csv, in the order they are appended
+        ended = [self._finish_member(rec, crash, first + k)
+                 for k, rec in enumerate(self.open.pop(trial.trial_id, {}).values())]
         epochs = [row for rows, _, _ in ended for row in rows]
         if epochs:  # before the results rows: a trial in results.csv always has its epochs
             self.epochs.append(*epochs)
@@ -233,7 +243,7 @@ class StudyRecorder(tune.Callback):
         for _, _, line in ended:
             self.log(line)
 
-    def _finish_member(self, rec: dict, crash: str | None) -> tuple[list[dict], dict, str]:
+    def _finish_member(self, rec: dict, crash: str | None, position: int) -> tuple[list[dict], dict, str]:
         """End one member's MLflow run; its epochs.csv rows, results.csv row and progress line."""
         t, final = rec["trial"], rec["final"] or {}
         status = "failed" if crash or final.get("status") != "finished" else "finished"
@@ -243,12 +253,20 @@ class StudyRecorder(tune.Callback):
                    if (k in ("acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9") or is_diagnostic(k)) and _finite(v)]
         if status == "finished":
             final = {**final, "acc_drop": final["acc_before"] - final["acc"]}
-            metrics += [Metric(f"final_{k}", float(final[k]), now, 0) for k in FINAL_METRICS if _finite(final.get(k))]
+            metrics += [Metric(f"final_{k}", float(final[k]), now, 0) for k in (*FINAL_METRICS, *SUMMARY_KEYS)
+                        if _finite(final.get(k))]
         where = {k: str(final[k]) for k in ("node_id", "node_ip", "pack_size") if final.get(k)}
-        tags = ([RunTag("status_detail", status), RunTag("retries", str(rec["retries"]))]
+        tags = ([RunTag("status_detail", status), RunTag("retries", str(rec["retries"])),
+                 RunTag("results_row", str(position))] + ([RunTag("point_id", t["point_id"])] if t.get("point_id") else [])
                 + [RunTag(k, v) for k, v in where.items()] + ([RunTag("error", error[:5000])] if error else []))
         run_id = rec["run_id"]
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        tables = {"tables/per_stage.json": stage_table(rec["epochs"], is_diagnostic)}
+        if status == "finished":
+            tables["tables/class_acc.json"] = class_table(final, self.victims[t["victim_index"]]["splits"].classes)
+        for name, table in tables.items():
+            if table:
+                self._try(f"{name} of trial {t['trial_id']}", lambda n=name, d=table: self.client.log_table(run_id, d, n))
         self.client.set_terminated(run_id, status="FINISHED" if status == "finished" else "FAILED")
         epoch_rows = [_epoch_row(r, t["trial_id"]) for r in rec["epochs"]]
         row = {**self._row(t, final, status, error, run_id, rec["config"]), **where, "retries": rec["retries"]}
@@ -264,6 +282,17 @@ class StudyRecorder(tune.Callback):
                 f"  ({final.get('trial_seconds', float('nan')):.1f} s{packed}; "
                 f"{time.perf_counter() - self.t_start:.0f} s in)")
         return epoch_rows, row, line
+
+    def _try(self, what: str, write) -> None:
+        """An extra MLflow write (inputs, tables): its failure is reported, never allowed to lose
+        the trial's row or run."""
+        try:
+            with warnings.catch_warnings():   # (pandas' deprecation notes from inside MLflow's log_table)
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                write()
+        except Exception as err:  # noqa: BLE001
+            self.log(f"[mlflow] could not log {what}: {type(err).__name__}: {str(err)[:200]}")
 
     def _row(self, t: dict, final: dict, status: str, error: str, run_id: str, config: dict) -> dict:
         v = self.victims[t["victim_index"]]

@@ -186,6 +186,53 @@ def test_reduced_study_records_every_trial_and_failing_ones_do_not_stop_it(grid_
 
 
 @pytest.mark.slow
+def test_the_tracking_store_holds_the_study_as_data_and_the_analysis_rebuilt_from_it_is_the_same(
+        grid_study, tmp_path, capsys):
+    """Every child run logs its inputs (victim, clean subset, test set) and its per-class and
+    per-stage tables; the parent's description is the report; `python -m analysis --mlflow-uri`
+    rebuilds results.csv from the runs and gives the file-backed analysis's fits exactly."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from analysis.__main__ import main as analysis_main
+
+    out, db, _, _ = grid_study
+    uri = f"sqlite:///{db}"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny").experiment_id
+    runs = {r.data.tags["trial_id"]: r for r in client.search_runs([exp])
+            if "trial_id" in r.data.tags}
+    rows = results_rows(out)
+    assert set(runs) == {r["trial_id"] for r in rows}
+    inputs = {t: {d.dataset.source_type: d.dataset for d in r.inputs.dataset_inputs} for t, r in runs.items()}
+    assert all(set(i) == {"victim", "test_set", "clean_subset"} for i in inputs.values())
+    assert len({i["victim"].digest for i in inputs.values()}) == 1 and len({i["test_set"].digest for i in inputs.values()}) == 1
+    by_budget = {}
+    for r in rows:   # the same budget and seed: the same clean subset, whatever the defence; another budget: another
+        by_budget.setdefault(r["clean_fraction"], set()).add(inputs[r["trial_id"]]["clean_subset"].digest)
+    assert all(len(d) == 1 for d in by_budget.values()) and len(set.union(*by_budget.values())) == 2
+    sizes = {r["clean_fraction"]: json.loads(inputs[r["trial_id"]]["clean_subset"].profile)["num_rows"] for r in rows}
+    assert {k: v for k, v in sizes.items()} == {r["clean_fraction"]: int(r["clean_images"]) for r in rows
+                                                if r["status"] == "finished"}
+    finished = next(r for r in rows if r["status"] == "finished" and r["defense"] == "ft")
+    tables = {a.path for a in client.list_artifacts(finished["mlflow_run_id"], "tables")}
+    assert tables == {"tables/class_acc.json", "tables/per_stage.json"}
+    per_class = client.load_table(exp, "tables/class_acc.json", run_ids=[finished["mlflow_run_id"]])
+    assert len(per_class) == 10 and per_class["acc"].min() == pytest.approx(float(finished["class_acc_min"]))
+    (parent,) = client.search_runs([exp], "tags.kind = 'study'")
+    assert parent.data.tags["mlflow.note.content"].startswith(f"# Analysis of `{out.name}`")
+
+    rebuilt = tmp_path / "from-mlflow"
+    assert analysis_main(["--mlflow-uri", uri, "--experiment", "tiny", "--out", str(rebuilt)]) == 0
+    assert [r["trial_id"] for r in results_rows(rebuilt)] == [r["trial_id"] for r in rows]   # results.csv order
+    assert json.loads((rebuilt / "fits.json").read_text()) == json.loads((out / "fits.json").read_text())
+    assert analysis_main(["--mlflow-uri", uri, "--experiment", "tiny", "--experiment", "nope", "--out",
+                          str(tmp_path / "x")]) == 2
+    assert "no experiment 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_a_packed_study_records_each_member_as_its_unpacked_study_does(tmp_path, grid_study, ray_runtime,
                                                                         mlflow_store):
     """GRID with `pack: 8`: the six FT trials run as one pack (NC cannot be packed: alone), and

@@ -148,7 +148,7 @@ def _save(out: dict, victim, trial: dict, save_dir: str) -> None:
 def _final(out: dict) -> dict:
     return {"status": "finished", **{k: out["after"].get(k) for k in METRICS}, **_reported(out["diagnostics"]),
             "acc_before": out["before"]["acc"], "asr_before": out["before"]["asr"],
-            "clean_images": out["clean_images"], "seconds": out["seconds"]}
+            "clean_images": out["clean_images"], "seconds": out["seconds"], "class_acc": out["after"].get("class_acc")}
 
 
 def _failed(err: BaseException) -> dict:

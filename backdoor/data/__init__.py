@@ -8,9 +8,9 @@ from .augment import Augment, random_crop, random_flip
 from .batches import batches, repeated_batches, sample_batches
 from .images import ImageSet, to_float, to_uint8
 from .sources import default_cache_dir, load_image_folder
-from .splits import CLEAN_RULES, DATASETS, DatasetSplits, clean_subset, load_dataset
+from .splits import CLEAN_RULES, DATASETS, DatasetSplits, clean_subset, clean_subset_index, load_dataset
 
 __all__ = [
-    "Augment", "CLEAN_RULES", "DATASETS", "DatasetSplits", "ImageSet", "batches", "clean_subset", "default_cache_dir",
+    "Augment", "CLEAN_RULES", "DATASETS", "DatasetSplits", "ImageSet", "batches", "clean_subset", "clean_subset_index", "default_cache_dir",
     "load_dataset", "load_image_folder", "random_crop", "random_flip", "repeated_batches", "sample_batches", "to_float", "to_uint8",
 ]

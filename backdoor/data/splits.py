@@ -115,8 +115,15 @@ CLEAN_RULES = ("balanced", "first")
 
 def clean_subset(splits: DatasetSplits, *, fraction: float | None = None, shots: int | None = None,
                  seed: int = 0, rule: str = "balanced") -> ImageSet:
-    """Draw the defender's clean subset from the pool: `fraction` of the original training
-    set (e.g. 0.01 = 1%) or `shots` images per class (`shots` x classes images in all).
+    """The defender's clean subset: the pool images `clean_subset_index` chooses."""
+    return splits.pool.subset(clean_subset_index(splits, fraction=fraction, shots=shots, seed=seed, rule=rule))
+
+
+def clean_subset_index(splits: DatasetSplits, *, fraction: float | None = None, shots: int | None = None,
+                       seed: int = 0, rule: str = "balanced") -> torch.Tensor:
+    """Which pool images (sorted positions in `splits.pool`) make the defender's clean subset:
+    `fraction` of the original training set (e.g. 0.01 = 1%) or `shots` images per class
+    (`shots` x classes images in all).
 
     `rule="balanced"` (default): class-balanced (a remainder goes to seeded random classes),
     seeded and deterministic. `rule="first"`: NFT's reference rule, the first images of a
@@ -146,7 +153,7 @@ def clean_subset(splits: DatasetSplits, *, fraction: float | None = None, shots:
             raise ValueError(f"{what.split('=')[0]}: {what} needs {total} images, the defender pool has "
                              f"{len(splits.pool)}; lower it or raise pool_fraction")
         order = torch.randperm(len(splits.pool), generator=torch.Generator().manual_seed(int(seed)))
-        return splits.pool.subset(order[:total].sort().values)
+        return order[:total].sort().values
     labels = splits.pool.y.cpu()
     chosen = []
     for k in range(c):
@@ -157,5 +164,4 @@ def clean_subset(splits: DatasetSplits, *, fraction: float | None = None, shots:
             raise ValueError(f"{what.split('=')[0]}: {what} needs {want} images of class {splits.classes[k]!r}, "
                              f"the defender pool has {len(members)}; lower it or raise pool_fraction")
         chosen.append(members[torch.randperm(len(members), generator=g)[:want]])
-    index = torch.cat(chosen).sort().values
-    return splits.pool.subset(index)
+    return torch.cat(chosen).sort().values
