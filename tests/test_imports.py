@@ -38,7 +38,12 @@ def bb(tmp_path_factory):
     data = bf.image_folder(root / "data")
     results = {}
     for name, folder, prefix in (("preactresnet18", "badnet_0_1", True), ("vgg19_bn", "badnet_vgg", False)):
-        model = _train_backdoored(bf.tiny_model(name), data)
+        model = bf.tiny_model(name)
+        for _ in range(10):   # 20 steps, more while the counts are trivial (how soon varies with the torch build)
+            model = _train_backdoored(model, data)
+            acc, asr = bf.hand_asr(model, data)
+            if 0 < asr < 100 or acc < 100:
+                break
         results[name] = (bf.write_result(root / "bb", folder, name, model, data, module_prefix=prefix), model)
     return data, root / "bb", results
 
