@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .victims import VictimSpec
+from .victims.spec import VictimSpec
 
 PAPER_POOL_FRACTION = 0.05
 

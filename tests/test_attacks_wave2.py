@@ -212,7 +212,7 @@ def test_bpp_quantises_to_its_levels_and_dithering_keeps_the_local_mean():
 
 
 def test_trojan_victim_trains_its_clean_reference_once_and_its_pattern_survives_the_cache(tmp_path, digits):
-    from backdoor.victims import VictimSpec, clean_reference, get_or_train, pack_victim, unpack_victim
+    from backdoor.victims import VictimSpec, clean_reference, get_or_train, serialize_victim, deserialize_victim
 
     spec = VictimSpec(attack="trojan", attack_params={"steps": 5}, epochs=1)
     quiet = lambda m: None  # noqa: E731
@@ -224,7 +224,7 @@ def test_trojan_victim_trains_its_clean_reference_once_and_its_pattern_survives_
     again = get_or_train(spec, tmp_path, data=digits, device="cpu", log=quiet)
     assert again.from_cache and torch.equal(again.attack.apply(x), v.attack.apply(x))
     assert again.metrics == v.metrics
-    moved = unpack_victim(pack_victim(v), device="cpu")
+    moved = deserialize_victim(serialize_victim(v), device="cpu")
     assert torch.equal(moved.attack.apply(x), v.attack.apply(x))
 
 

@@ -169,7 +169,7 @@ def test_the_victim_and_purify_clis_exit_3_and_the_same_command_continues(tmp_pa
     """`--time-limit 0.01`: one epoch or round per process, exit 3 with the message, until exit 0 with
     the JSON an uncut run prints (the timings aside)."""
     from backdoor.purify import main as purify
-    from backdoor.victims import main as victims
+    from backdoor.victims.cli import main as victims
 
     victim_args = ["--epochs", "2", "--cache-dir", str(tmp_path / "cut")]
     codes = [_cli(victims, [*victim_args, "--time-limit", "0.01"]) for _ in range(2)]

@@ -104,11 +104,11 @@ def test_a_defence_runs_on_an_imported_victim_and_its_asr_is_the_hand_count(bb, 
 
 def test_a_packed_imported_victim_unpacks_to_the_same_victim(bb, tmp_path):
     from backdoor.metrics import evaluate
-    from backdoor.victims import pack_victim, unpack_victim
+    from backdoor.victims import serialize_victim, deserialize_victim
 
     data, _, results = bb
     victim = _import(results["vgg19_bn"][0], data, tmp_path / "cache")
-    back = unpack_victim(pickle.loads(pickle.dumps(pack_victim(victim))), device="cpu")
+    back = deserialize_victim(pickle.loads(pickle.dumps(serialize_victim(victim))), device="cpu")
     assert back.victim_id == victim.victim_id and back.provenance == victim.provenance
     same = lambda v: json.dumps(evaluate(v.model, v.splits.test, v.attack), sort_keys=True)  # noqa: E731 (nan == nan)
     assert same(back) == same(victim)

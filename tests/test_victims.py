@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import backdoor.victims as victims
+import backdoor.victims.cli  # noqa: F401  (victims.cli.main)
 from backdoor.victims import VictimSpec, get_or_train, load_state_dict
 
 
@@ -24,7 +25,7 @@ def test_default_digits_badnets_victim_is_backdoored(trained):
 
 def test_same_spec_loads_from_cache_without_training(trained, digits, monkeypatch):
     cache, v = trained
-    monkeypatch.setattr(victims, "train_classifier", lambda *a, **k: pytest.fail("retrained a cached victim"))
+    monkeypatch.setattr(victims.training, "train_classifier", lambda *a, **k: pytest.fail("retrained a cached victim"))
     again = get_or_train(VictimSpec(), cache, data=digits, device="cpu", log=lambda m: None)
     assert again.from_cache and again.victim_id == v.victim_id and again.metrics == v.metrics
     for (k, a), (_, b) in zip(v.model.state_dict().items(), again.model.state_dict().items()):
@@ -127,12 +128,12 @@ def test_pt_that_is_not_a_state_dict(tmp_path):
 
 def test_cli_trains_then_loads(tmp_path, capsys):
     args = ["--epochs", "1", "--cache-dir", str(tmp_path), "--device", "cpu"]
-    assert victims.main(args) == 0
+    assert victims.cli.main(args) == 0
     first = json.loads(capsys.readouterr().out)
-    assert victims.main(args) == 0
+    assert victims.cli.main(args) == 0
     second = json.loads(capsys.readouterr().out)
     assert not first["from_cache"] and second["from_cache"] and first["metrics"] == second["metrics"]
-    assert victims.main(["--model", "vgg", "--cache-dir", str(tmp_path)]) == 2
+    assert victims.cli.main(["--model", "vgg", "--cache-dir", str(tmp_path)]) == 2
     assert "model: unknown model" in capsys.readouterr().err
 
 
@@ -153,7 +154,7 @@ def test_spec_and_cli_refuse_malformed_attack_params_and_mismatched_data(tmp_pat
     with pytest.raises(ValueError, match="dataset: the spec names 'cifar10'"):
         get_or_train(VictimSpec(dataset="cifar10", model="resnet18"), tmp_path, data=digits, device="cpu",
                      log=lambda m: None)
-    assert victims.main(["--attack-params", "{trigger_size: 3", "--cache-dir", str(tmp_path)]) == 2
+    assert victims.cli.main(["--attack-params", "{trigger_size: 3", "--cache-dir", str(tmp_path)]) == 2
     assert "--attack-params: not valid JSON" in capsys.readouterr().err
 
 
@@ -211,10 +212,10 @@ def test_paper_recipes_follow_the_papers_protocols():
 
 
 def test_victims_cli_preset_with_overrides(tmp_path, capsys):
-    rc = victims.main(["--preset", "dhbe-badnets-3x3", "--dataset", "digits", "--model", "small_cnn", "--epochs", "1",
+    rc = victims.cli.main(["--preset", "dhbe-badnets-3x3", "--dataset", "digits", "--model", "small_cnn", "--epochs", "1",
                        "--pool-fraction", "0.15", "--poison-count", "50", "--cache-dir", str(tmp_path), "--device", "cpu"])
     assert rc == 0
     meta = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert meta["spec"]["target"] == 9 and meta["spec"]["poison_count"] == 50 and meta["poisoned_images"] == 50
     assert meta["spec"]["attack_params"] == {"trigger_size": 3, "first_cell": 0} and meta["spec"]["nesterov"] is False
-    assert victims.main(["--preset", "nope"]) == 2 and "unknown preset 'nope'" in capsys.readouterr().err
+    assert victims.cli.main(["--preset", "nope"]) == 2 and "unknown preset 'nope'" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from backdoor.defenses import build_defense
 from backdoor.diagnostics import is_diagnostic
 from backdoor.packing import Member, pack_refusal, run_pack
 from backdoor.purify import run_defense
-from backdoor.victims import unpack_victim
+from backdoor.victims import deserialize_victim
 
 METRICS = ("acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9")
 
@@ -97,7 +97,7 @@ def _one(trial: dict, victims: dict, save_dir: str | None, on_metrics) -> dict:
     """Run one study trial; its final report (ACC, ASR, ..., or the failure)."""
     started = time.time()
     try:
-        victim = unpack_victim(victims[trial["victim_index"]], device="auto")
+        victim = deserialize_victim(victims[trial["victim_index"]], device="auto")
         out = run_defense(victim, trial["defense"], trial["config"], clean_fraction=trial["clean_fraction"],
                           shots=trial["shots"], subset_seed=trial["subset_seed"], seed=trial["subset_seed"],
                           clean_rule=trial.get("clean_rule", "balanced"),
@@ -165,7 +165,7 @@ def _pack_trial(members: list[dict], victims: dict, t0: float, where: dict) -> l
     ids = [t["trial_id"] for t in members]
     first = members[0]
     try:
-        victim = unpack_victim(victims[first["victim_index"]], device="auto")
+        victim = deserialize_victim(victims[first["victim_index"]], device="auto")
         outs = run_pack(victim, first["defense"],
                         [Member(t["config"], t["clean_fraction"], t["shots"], t["subset_seed"], t["subset_seed"],
                                 t.get("clean_rule", "balanced")) for t in members],

@@ -12,7 +12,7 @@ trigger function. ASR is then measured on exactly those images (`backdoor.metric
 
 There is no trigger to paste on other images: `apply` refuses, and whatever needs one (the
 amplified x4 / x9 views, a trigger response without clean originals) is left out, never 0.
-The tensors travel as the attack's `state()` (the victim cache and `pack_victim` store them).
+The tensors travel as the attack's `state()` (the victim cache and `serialize_victim` store them).
 """
 from __future__ import annotations
 

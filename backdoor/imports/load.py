@@ -27,7 +27,8 @@ from ..data.splits import _channel_stats, _fingerprint
 from ..metrics import evaluate
 from ..models import BACKDOORBENCH_NAMES, NORMALIZATION, model_from_state
 from ..runtime import prepare_model, resolve_device
-from ..victims import Victim, _atomic_write, _sha256, load_state_dict, split_attack_state, stored_state
+from ..victims import Victim, load_state_dict, split_attack_state, stored_state
+from ..victims.cache import atomic_write, sha256_file
 from .backdoorbench import poisoned_train_index, read_result, resolve_paths, stored_poison
 from .spec import ImportSpec
 
@@ -237,7 +238,7 @@ def _read_cache(victim_id: str, cache_dir: Path, model, attack) -> dict | None:
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        if meta.get("victim_id") != victim_id or _sha256(weights_path) != meta.get("weights_sha256"):
+        if meta.get("victim_id") != victim_id or sha256_file(weights_path) != meta.get("weights_sha256"):
             raise ValueError("metadata or checksum mismatch")
         weights, attack_state = split_attack_state(load_state_dict(weights_path))
         model.load_state_dict(weights, strict=True)
@@ -254,8 +255,8 @@ def _write_cache(spec: ImportSpec, victim_id: str, cache_dir: Path, model, attac
     cache_dir.mkdir(parents=True, exist_ok=True)
     state = stored_state(model, attack)
     weights_path = cache_dir / f"{victim_id}.safetensors"
-    _atomic_write(weights_path, lambda p: save_file(state, str(p)))
-    meta = {"victim_id": victim_id, "spec": spec.to_dict(), **meta, "weights_sha256": _sha256(weights_path),
+    atomic_write(weights_path, lambda p: save_file(state, str(p)))
+    meta = {"victim_id": victim_id, "spec": spec.to_dict(), **meta, "weights_sha256": sha256_file(weights_path),
             "library_version": __version__, "torch_version": torch.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _atomic_write(cache_dir / f"{victim_id}.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+    atomic_write(cache_dir / f"{victim_id}.json", lambda p: p.write_text(json.dumps(meta, indent=2)))

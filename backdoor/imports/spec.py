@@ -120,7 +120,7 @@ class ImportSpec:
 
     def build_attack(self, splits):
         """The attack for `splits`: this project's (`applies_trigger`), else an empty `StoredTrigger`
-        that the cache, the import or `pack_victim`'s state fills."""
+        that the cache, the import or `serialize_victim`'s state fills."""
         from ..attacks import build_attack
         from ..attacks.stored import StoredTrigger
 
