@@ -5,6 +5,7 @@ Kept apart from `sensitivity` so `--dry-run` and spec errors never start Ray or 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -22,6 +23,19 @@ from .packs import group_trials, pack_summary
 from .spec import SpecError, StudySpec
 from .tracking import (EPOCH_COLUMNS, EXPERIMENT_KIND, ResultsFile, StudyRecorder, mark_experiment_kind,
                        read_results, result_columns)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a study runs, as opposed to what it runs (the spec): where Ray, the data, the victim
+    cache and Tune's files are, and the search. `study.sensitivity` builds it from its flags."""
+    cache_dir: str | None = None        # victim cache (default $BACKDOOR_CACHE)
+    data_root: str | None = None        # dataset directory (image folders)
+    address: str | None = None          # Ray cluster address; None: a Ray of this study's own
+    storage_path: str | None = None     # Tune's trial files: OUT/ray unless this (NFS path or s3:// URI)
+    search: str = "grid"                # "grid" or "optuna"
+    num_samples: int = 1                # Optuna: points per search
+    save_models: str = "none"           # "none", "best" or "all"
 
 
 def tune_storage(storage_path: str | None, out: Path) -> str:
@@ -64,11 +78,11 @@ def start_tracking(spec: StudySpec, out: Path, state: dict, done_ids: set[str], 
     return client, parent
 
 
-def prepare_victims(spec: StudySpec, args, log) -> dict[int, dict]:
+def prepare_victims(spec: StudySpec, options: RunOptions, log) -> dict[int, dict]:
     """Every victim of the spec, trained or loaded as Ray tasks, packed for the object store."""
     log(f"victim stage: {len(spec.victims)} victim(s)")
     task = victim_task(spec.gpu, spec.cpu)
-    refs = [task.remote(v.to_dict(), args.cache_dir, args.data_root) for v in spec.victims]
+    refs = [task.remote(v.to_dict(), options.cache_dir, options.data_root) for v in spec.victims]
     try:
         packed = ray.get(refs)
     except ray.exceptions.RayTaskError as err:
@@ -116,27 +130,27 @@ def _tuner(spec: StudySpec, trainable_kwargs: dict, param_space: dict, recorder,
                                   verbose=0, failure_config=tune.FailureConfig(max_failures=spec.max_retries)))
 
 
-def run_study(spec: StudySpec, trials: list[dict], out: Path, state: dict, done_ids: set[str], *, args, log) -> int:
+def run_study(spec: StudySpec, trials: list[dict], out: Path, state: dict, done_ids: set[str], *, options: RunOptions, log) -> int:
     """Run every pending trial; returns how many failed in this invocation."""
-    storage = tune_storage(args.storage_path, out)
+    storage = tune_storage(options.storage_path, out)
     results = ResultsFile(out / "results.csv", result_columns(spec))
     epochs = ResultsFile(out / "epochs.csv", EPOCH_COLUMNS)
     client, parent = start_tracking(spec, out, state, done_ids, log)
     if not ray.is_initialized():  # workers inherit the tracking URI: none of them opens a store of its own
         # no --address: a Ray of this study's own ("local"), never a cluster someone else started on this machine
-        ray.init(address=args.address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False,
+        ray.init(address=options.address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": state["tracking_uri"]}})
     nodes = [n for n in ray.nodes() if n["Alive"]]
     log(f"Ray: {len(nodes)} node(s), {sum(n['Resources'].get('CPU', 0) for n in nodes):g} CPUs, "
         f"{sum(n['Resources'].get('GPU', 0) for n in nodes):g} GPUs; Tune files in {storage}")
     status = "FAILED"
     try:
-        victims = prepare_victims(spec, args, log)
+        victims = prepare_victims(spec, options, log)
         check_budgets(spec, victims)
-        save_models = getattr(args, "save_models", "none")
+        save_models = options.save_models
         kwargs = {"victims": victims, "cpus_per_trial": spec.cpu,
                   "save_dir": str((out / "models").resolve()) if save_models != "none" else None}
-        if args.search == "grid":
+        if options.search == "grid":
             pending = [t for t in trials if t["trial_id"] not in done_ids]
             units = group_trials(pending, spec.pack)
             log(f"running {len(pending)} of {len(trials)} trials ({spec.cpu:g} CPU, {spec.gpu:g} GPU per Tune trial)"
@@ -153,7 +167,7 @@ def run_study(spec: StudySpec, trials: list[dict], out: Path, state: dict, done_
 
             recorder_kwargs = {"spec": spec, "results": results, "epochs": epochs, "client": client,
                                "experiment_id": state["experiment_id"], "parent_run_id": parent, "victims": victims}
-            failed = run_optuna(spec, out, recorder_kwargs, kwargs, num_samples=args.num_samples, nodes=nodes,
+            failed = run_optuna(spec, out, recorder_kwargs, kwargs, num_samples=options.num_samples, nodes=nodes,
                                 tuner=lambda *a, **k: _tuner(spec, *a, **k), tune_dir=storage, log=log)
         status = "FINISHED"
         analysed = run_analysis(out, log, spec.min_victim_asr)

@@ -114,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     from . import runner  # Ray, MLflow and Optuna load only when something runs
 
     try:
-        failed = runner.run_study(spec, trials, out, state, done_ids, args=a, log=log)
+        options = runner.RunOptions(cache_dir=a.cache_dir, data_root=a.data_root, address=a.address,
+                                     storage_path=a.storage_path, search=a.search, num_samples=a.num_samples,
+                                     save_models=a.save_models)
+        failed = runner.run_study(spec, trials, out, state, done_ids, options=options, log=log)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
