@@ -75,3 +75,13 @@ class StopAfter(Deadline):
 
     def should_stop(self) -> bool:
         return self.units >= self.stop_at
+
+
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    """The most (start, end) spans open at one time; a span ending as another starts does not overlap it."""
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    now = most = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most

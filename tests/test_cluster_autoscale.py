@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import results_rows
+from helpers import most_at_once, results_rows
 from studies import STUDY_VICTIM, child_runs, write_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,15 +131,6 @@ def fake_autoscaling_head(tmp_path):
         assert not [p for p in _processes_of(str(temp_dir)) if Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"]
 
 
-def _max_overlap(intervals: list[tuple[float, float]]) -> int:
-    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
-    running = peak = 0
-    for _, step in events:
-        running += step
-        peak = max(peak, running)
-    return peak
-
-
 @pytest.mark.slow
 def test_a_study_scales_gpu_workers_up_from_zero_and_back_down(tmp_path, fake_autoscaling_head, mlflow_store):
     address, env = fake_autoscaling_head
@@ -187,9 +178,9 @@ def test_a_study_scales_gpu_workers_up_from_zero_and_back_down(tmp_path, fake_au
     assert {r["node_id"] for r in rows} <= worker_ids and head not in {r["node_id"] for r in rows}
     for node in sorted({r["node_id"] for r in rows}):
         spans = [(float(r["started_at"]), float(r["ended_at"])) for r in rows if r["node_id"] == node]
-        print(f"worker ...{node[-5:]}: {len(spans)} trials, at most {_max_overlap(spans)} at once")
-        assert _max_overlap(spans) <= TRIALS_PER_GPU, f"more than {TRIALS_PER_GPU} trials at once on {node}"
-    assert _max_overlap([(float(r["started_at"]), float(r["ended_at"])) for r in rows]) > 1   # they did overlap
+        print(f"worker ...{node[-5:]}: {len(spans)} trials, at most {most_at_once(spans)} at once")
+        assert most_at_once(spans) <= TRIALS_PER_GPU, f"more than {TRIALS_PER_GPU} trials at once on {node}"
+    assert most_at_once([(float(r["started_at"]), float(r["ended_at"])) for r in rows]) > 1   # they did overlap
     recorded = child_runs(db)
     assert sorted(t for _, _, t in recorded) == sorted(r["trial_id"] for r in rows)      # each recorded once
     assert {status for _, status, _ in recorded} == {"FINISHED"}

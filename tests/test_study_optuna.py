@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from helpers import results_rows
+from helpers import most_at_once, results_rows
 from studies import TINY_FT, run_study, tiny_spec, write_spec
 
 
@@ -111,15 +111,6 @@ def _intervals(rows):
     return list(spans.values())
 
 
-def _most_at_once(spans):
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
-    now = most = 0
-    for _, d in events:
-        now += d
-        most = max(most, now)
-    return most
-
-
 @pytest.mark.slow
 def test_optuna_search_is_per_budget_every_point_on_every_seed_capped_and_resumable(tmp_path, ray_runtime,
                                                                                      mlflow_store):
@@ -142,7 +133,7 @@ def test_optuna_search_is_per_budget_every_point_on_every_seed_capped_and_resuma
     for members in by_point.values():   # one point: one budget, one lr, every seed once
         assert sorted(int(r["subset_seed"]) for r in members) == [0, 1]
         assert len({r["clean_fraction"] for r in members}) == 1 and len({r["lr"] for r in members}) == 1
-    assert _most_at_once(_intervals(rows)) <= 2
+    assert most_at_once(_intervals(rows)) <= 2
 
     for fraction in ("0.02", "0.07"):
         study = optuna.load_study(study_name=f"tiny-v0-d0-ft-f{fraction}",
