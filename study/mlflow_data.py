@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -145,7 +146,10 @@ def run_row(run, experiment: str) -> dict:
 def study_table(uri: str, experiments: list[str], *, epochs: bool = True, log=print) -> tuple[list[dict], list[dict]]:
     """(results rows, epochs rows) of every recorded trial (a finished or failed child run) of
     the named experiments, experiment by experiment in the order given, each in its results.csv
-    order. A name the store does not hold is a ValueError naming it."""
+    order. A name the store does not hold, or a sqlite store file that does not exist (MLflow
+    would create an empty one), is a ValueError naming it."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise ValueError(f"--mlflow-uri: no sqlite store at {uri[len('sqlite:///'):]!r}")
     client = MlflowClient(uri)
     rows, epoch_rows = [], []
     for name in experiments:
@@ -176,14 +180,17 @@ def _epochs(client: MlflowClient, run) -> list[dict]:
 def write_study_files(uri: str, experiments: list[str], out, log=print) -> int:
     """OUT/results.csv and OUT/epochs.csv rebuilt from the tracking store (`study_table`), for
     `analysis.analyze(OUT)`; returns the number of trials. A column `experiment` names each
-    trial's study."""
+    trial's study. OUT may not be a study's own directory: its results.csv is a record."""
     import csv
-    from pathlib import Path
 
+    out = Path(out)
+    held = [n for n in ("state.json", "study.yaml") if (out / n).exists()]
+    if held:
+        raise ValueError(f"--out: {str(out)!r} is a study's directory ({held[0]}); its results.csv would be "
+                         f"overwritten: give another directory")
     rows, epoch_rows = study_table(uri, experiments, log=log)
     if not rows:
         raise ValueError(f"--experiment: no recorded trial in {', '.join(map(repr, experiments))} at {uri}")
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name, table in (("results.csv", rows), ("epochs.csv", epoch_rows)):
         if not table:

@@ -269,3 +269,20 @@ def test_bad_thresholds_and_epochs_file_are_named(tmp_path, capsys):
     (tmp_path / "epochs.csv").write_text("trial_id,acc\nx,1\n")
     assert analysis_main([str(tmp_path)]) == 2
     assert "epochs.csv: missing required column(s) 'epoch', 'asr'" in capsys.readouterr().err
+
+
+def test_an_mlflow_store_that_does_not_exist_is_named_and_not_created(tmp_path, capsys):
+    missing = tmp_path / "nowhere.db"
+    rc = analysis_main(["--mlflow-uri", f"sqlite:///{missing}", "--experiment", "quick", "--out", str(tmp_path / "a")])
+    assert rc == 2 and f"no sqlite store at '{missing}'" in capsys.readouterr().err
+    assert not missing.exists() and not (tmp_path / "a").exists()
+
+
+def test_rebuilding_from_mlflow_into_a_study_directory_is_refused(tmp_path, capsys):
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "state.json").write_text("{}")
+    (study / "results.csv").write_text("trial_id\nabc\n")
+    rc = analysis_main(["--mlflow-uri", f"sqlite:///{tmp_path / 'x.db'}", "--experiment", "quick", "--out", str(study)])
+    assert rc == 2 and "is a study's directory (state.json)" in capsys.readouterr().err
+    assert (study / "results.csv").read_text() == "trial_id\nabc\n"
