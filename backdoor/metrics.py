@@ -26,6 +26,10 @@ from .data.images import ImageSet, to_float
 from .diagnostics import prediction_summary
 from .runtime import autocast, memory_format
 
+# The headline numbers of one evaluation, in this order everywhere they are tabled (per-epoch
+# reports, results.csv, MLflow metrics, fidelity rows); `analysis.table.METRICS` mirrors it.
+METRICS = ("acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9")
+
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:

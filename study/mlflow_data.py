@@ -31,6 +31,8 @@ from backdoor.data import clean_subset_index
 from backdoor.diagnostics import SUMMARY_KEYS
 from search_spaces import GENERIC_AXES
 
+from .trial import FINAL_METRICS, Trial
+
 CONTEXT = "mlflow.data.context"
 
 
@@ -54,8 +56,8 @@ class InputCatalog:
             self._memo[key] = make()
         return self._memo[key]
 
-    def for_trial(self, t: dict) -> list[DatasetInput]:
-        vi = t["victim_index"]
+    def for_trial(self, t: Trial) -> list[DatasetInput]:
+        vi = t.victim_index
         v = self.victims[vi]
         splits = v["splits"]
         out = [self._once(("victim", vi), lambda: _input(
@@ -65,22 +67,19 @@ class InputCatalog:
                    f"{splits.name} test", _digest(splits.test.x.numpy().tobytes(), splits.test.y.numpy().tobytes()),
                    "test_set", {"dataset": splits.name, "data_fingerprint": splits.fingerprint},
                    {"num_rows": len(splits.test)}, "eval"))]
-        if t.get("clean_fraction") is not None or t.get("shots") is not None:
-            rule = t.get("clean_rule", "balanced")
-            key = ("clean", vi, t["clean_fraction"], t["shots"], t["subset_seed"], rule)
-            out.append(self._once(key, lambda: self._clean(v, t, rule)))
+        if t.clean_fraction is not None or t.shots is not None:
+            key = ("clean", vi, t.clean_fraction, t.shots, t.subset_seed, t.clean_rule)
+            out.append(self._once(key, lambda: self._clean(v, t)))
         return out
 
     @staticmethod
-    def _clean(v: dict, t: dict, rule: str) -> DatasetInput:
-        index = clean_subset_index(v["splits"], fraction=t["clean_fraction"], shots=t["shots"],
-                                   seed=t["subset_seed"], rule=rule)
-        budget = f"{t['clean_fraction']:g} of the training set" if t["clean_fraction"] is not None \
-            else f"{t['shots']} shots"
+    def _clean(v: dict, t: Trial) -> DatasetInput:
+        rule = t.clean_rule
+        index = clean_subset_index(v["splits"], fraction=t.clean_fraction, shots=t.shots, seed=t.subset_seed, rule=rule)
+        budget = f"{t.clean_fraction:g} of the training set" if t.clean_fraction is not None else f"{t.shots} shots"
         source = {"victim_id": v["victim_id"], "data_fingerprint": v["splits"].fingerprint,
-                  "clean_fraction": t["clean_fraction"], "shots": t["shots"], "subset_seed": t["subset_seed"],
-                  "rule": rule}
-        return _input(f"clean subset ({budget}, seed {t['subset_seed']}, {rule})", _digest(index.numpy().tobytes()),
+                  "clean_fraction": t.clean_fraction, "shots": t.shots, "subset_seed": t.subset_seed, "rule": rule}
+        return _input(f"clean subset ({budget}, seed {t.subset_seed}, {rule})", _digest(index.numpy().tobytes()),
                       "clean_subset", source, {"num_rows": len(index)}, "train")
 
 
@@ -111,8 +110,7 @@ def stage_table(epochs: list[dict], is_diagnostic) -> dict | None:
 # --- reading back ----------------------------------------------------------------------------------
 
 # results.csv columns read from the run's final metrics (`final_<column>`)
-METRIC_COLUMNS = ("acc", "asr", "acc_drop", "asr_eq9", "ra", "asr_x4", "asr_x9", "acc_before", "asr_before",
-                  "clean_images", "seconds", "trial_seconds", *SUMMARY_KEYS)
+METRIC_COLUMNS = (*FINAL_METRICS, *SUMMARY_KEYS)
 
 
 def _param(params: dict, key: str) -> str:

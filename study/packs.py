@@ -10,22 +10,24 @@ from __future__ import annotations
 from backdoor.defenses import build_defense
 from backdoor.packing import member_key, pack_refusal
 
+from .trial import Pack, Trial, Unit
 
-def pack_key(trial: dict) -> str | None:
+
+def pack_key(trial: Trial) -> str | None:
     """The key trials must share to go in one pack, or None if the trial runs unpacked."""
-    config = build_defense(trial["defense"], trial["config"]).config
-    if pack_refusal(trial["defense"], config):
+    config = build_defense(trial.defense, trial.config).config
+    if pack_refusal(trial.defense, config):
         return None
-    return f"v{trial['victim_index']}|{trial.get('clean_rule', 'balanced')}|{member_key(trial['defense'], config)}"
+    return f"v{trial.victim_index}|{trial.clean_rule}|{member_key(trial.defense, config)}"
 
 
-def group_trials(trials: list[dict], pack: int) -> list[dict]:
-    """Trials -> Tune grid units: a trial dict (run alone) or {"pack": [trials]} (2..pack
-    members), in the order of each unit's first trial."""
+def group_trials(trials: list[Trial], pack: int) -> list[Unit]:
+    """Trials -> Tune grid units: a `Trial` (run alone) or a `Pack` (2..pack members), in the
+    order of each unit's first trial."""
     if pack <= 1:
         return list(trials)
-    groups: dict[str, list[list[dict]]] = {}
-    units: list[list[dict]] = []
+    groups: dict[str, list[list[Trial]]] = {}
+    units: list[list[Trial]] = []
     for t in trials:
         key = pack_key(t)
         if key is None:
@@ -36,19 +38,14 @@ def group_trials(trials: list[dict], pack: int) -> list[dict]:
             open_groups.append([])
             units.append(open_groups[-1])
         open_groups[-1].append(t)
-    return [u[0] if len(u) == 1 else {"pack": u} for u in units]
+    return [u[0] if len(u) == 1 else Pack(tuple(u)) for u in units]
 
 
-def members_of_unit(unit: dict) -> list[dict]:
-    """The trials a grid unit stands for."""
-    return list(unit["pack"]) if "pack" in unit else [unit]
-
-
-def pack_summary(units: list[dict], pack: int) -> str:
+def pack_summary(units: list[Unit], pack: int) -> str:
     """One line for the log and the dry run: how many trials run in packs, and which
     defences run alone because they cannot be packed."""
-    packs = [u for u in units if "pack" in u]
-    alone = sorted({u["defense"] for u in units if "pack" not in u and pack_key(u) is None})
-    text = (f"packing (up to {pack}): {sum(len(u['pack']) for u in packs)} trials in {len(packs)} pack(s), "
+    packs = [u for u in units if isinstance(u, Pack)]
+    alone = sorted({u.defense for u in units if isinstance(u, Trial) and pack_key(u) is None})
+    text = (f"packing (up to {pack}): {sum(len(u.members) for u in packs)} trials in {len(packs)} pack(s), "
             f"{len(units)} Tune trials")
     return text + (f"; unpacked (no packed implementation): {', '.join(alone)}" if alone else "")

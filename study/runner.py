@@ -21,6 +21,7 @@ from trainables.victim_stage import victim_task
 
 from .packs import group_trials, pack_summary
 from .spec import SpecError, StudySpec
+from .trial import Trial
 from .tracking import (EPOCH_COLUMNS, EXPERIMENT_KIND, ResultsFile, StudyRecorder, mark_experiment_kind,
                        read_results, result_columns)
 
@@ -130,7 +131,7 @@ def _tuner(spec: StudySpec, trainable_kwargs: dict, param_space: dict, recorder,
                                   verbose=0, failure_config=tune.FailureConfig(max_failures=spec.max_retries)))
 
 
-def run_study(spec: StudySpec, trials: list[dict], out: Path, state: dict, done_ids: set[str], *, options: RunOptions, log) -> int:
+def run_study(spec: StudySpec, trials: list[Trial], out: Path, state: dict, done_ids: set[str], *, options: RunOptions, log) -> int:
     """Run every pending trial; returns how many failed in this invocation."""
     storage = tune_storage(options.storage_path, out)
     results = ResultsFile(out / "results.csv", result_columns(spec))
@@ -151,7 +152,7 @@ def run_study(spec: StudySpec, trials: list[dict], out: Path, state: dict, done_
         kwargs = {"victims": victims, "cpus_per_trial": spec.cpu,
                   "save_dir": str((out / "models").resolve()) if save_models != "none" else None}
         if options.search == "grid":
-            pending = [t for t in trials if t["trial_id"] not in done_ids]
+            pending = [t for t in trials if t.trial_id not in done_ids]
             units = group_trials(pending, spec.pack)
             log(f"running {len(pending)} of {len(trials)} trials ({spec.cpu:g} CPU, {spec.gpu:g} GPU per Tune trial)"
                 + (f"; {pack_summary(units, spec.pack)}" if spec.pack > 1 else ""))

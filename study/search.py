@@ -14,8 +14,6 @@ are `acc` and `worst_asr`); `pareto.csv` holds each search's front of points.
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import os
 import warnings
 from pathlib import Path
@@ -24,6 +22,7 @@ from trainables.purify_trial import resolve_members
 
 from .spec import StudySpec
 from .tracking import StudyRecorder, read_results
+from .trial import SearchBase, search_salt
 
 OBJECTIVES = {"acc": "max", "worst_asr": "min"}   # what each Optuna point is scored by (README: why)
 PARETO_COLUMNS = ["victim_id", "attack", "defense", "clean_fraction", "shots", "point_id", "acc", "worst_asr",
@@ -89,11 +88,10 @@ def searches(spec: StudySpec) -> list[dict]:
             for fraction, shots in spec.budgets(d):
                 budget = "" if fraction is None and shots is None else (
                     f"-f{fraction:g}" if fraction is not None else f"-s{shots}")
-                salt = hashlib.sha256(json.dumps([spec.victims[vi].to_dict(), di, fraction, shots]).encode())
-                base = {"trial_id": None, "id_salt": salt.hexdigest()[:8], "victim_index": vi, "defense": d.name,
-                        "config": d.config, "axes": {}, "fields": d.fields, "clean_fraction": fraction,
-                        "shots": shots, "subset_seed": spec.subset_seeds[0], "subset_seeds": list(spec.subset_seeds),
-                        "clean_rule": spec.clean_rule, "pack": spec.pack > 1}
+                base = SearchBase(salt=search_salt(spec.victims[vi].to_dict(), di, fraction, shots), victim_index=vi, defense=d.name, config=dict(d.config),
+                                  fields=dict(d.fields), clean_fraction=fraction, shots=shots,
+                                  subset_seeds=tuple(spec.subset_seeds), clean_rule=spec.clean_rule,
+                                  pack=spec.pack > 1)
                 out.append({"name": f"{spec.name}-v{vi}-d{di}-{d.name}{budget}", "base": base, "defense": d,
                             "seed": vi * 1000 + di})
     return out
@@ -119,7 +117,7 @@ def run_optuna(spec: StudySpec, out: Path, recorder_kwargs: dict, trainable_kwar
         base, d, name = s["base"], s["defense"], s["name"]
         space = {f"axis:{n}": axis.to_tune() for n, axis in d.sweep.items()}
         if not space:   # nothing to search: the defence's one point, on every seed, once
-            if any(r["trial_id"].startswith(base["id_salt"]) for r in rows):
+            if any(r["trial_id"].startswith(base.salt) for r in rows):
                 continue
             searcher, remaining = None, 1
             log(f"optuna: {name}: no swept axis, its one point on {len(spec.subset_seeds)} seed(s)")

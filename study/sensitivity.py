@@ -100,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             from .packs import group_trials, pack_summary
             log(f"  {pack_summary(group_trials(trials, spec.pack), spec.pack)}")
         for t in trials:
-            budget = t["clean_fraction"] if t["clean_fraction"] is not None else t["shots"]
-            log(f"  {t['trial_id']}  victim {t['victim_index']}  {t['defense']:4s}  {json.dumps(t['axes'])}  "
-                f"budget {budget}  seed {t['subset_seed']}")
+            budget = t.clean_fraction if t.clean_fraction is not None else t.shots
+            log(f"  {t.trial_id}  victim {t.victim_index}  {t.defense:4s}  {json.dumps(t.axes)}  "
+                f"budget {budget}  seed {t.subset_seed}")
         return 0
 
     out.mkdir(parents=True, exist_ok=True)

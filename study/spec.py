@@ -45,7 +45,6 @@ from `attacks:` has the id it would have had written out as its own entry).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -61,6 +60,8 @@ from backdoor.imports import ImportSpec, import_spec, is_import
 from backdoor.victims import VictimSpec
 from backdoor.weak_victim import MIN_VICTIM_ASR, check_threshold
 from search_spaces import Axis, config_field, parse_axis
+
+from .trial import Trial, trial_id
 
 PRESETS = Path(__file__).parent / "presets"
 TOP_KEYS = {"name", "description", "victims", "defenses", "clean", "resources", "tracking", "max_concurrent",
@@ -121,11 +122,7 @@ def _normal(v: Any) -> Any:
     return list(v) if isinstance(v, tuple) else v
 
 
-def _trial_id(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def expand_trials(spec: StudySpec) -> list[dict]:
+def expand_trials(spec: StudySpec) -> list[Trial]:
     """The full grid, in a stable order: victim x defence x swept values x budget x subset seed."""
     trials = []
     seen: set[str] = set()
@@ -146,13 +143,13 @@ def expand_trials(spec: StudySpec) -> list[dict]:
                                "clean_fraction": fraction, "shots": shots, "subset_seed": seed}
                         if spec.clean_rule != "balanced" and d.needs_clean_data:
                             key["clean_rule"] = spec.clean_rule  # (absent by default: ids of older studies hold)
-                        trial_id = _trial_id(key)
-                        if trial_id in seen:  # the same trial reached from two sweeps (e.g. a default value)
+                        tid = trial_id(key)
+                        if tid in seen:  # the same trial reached from two sweeps (e.g. a default value)
                             continue
-                        seen.add(trial_id)
-                        trials.append({"trial_id": trial_id, "victim_index": vi, "defense": d.name,
-                                       "config": config, "axes": axes, "clean_fraction": fraction, "shots": shots,
-                                       "subset_seed": seed, "clean_rule": spec.clean_rule})
+                        seen.add(tid)
+                        trials.append(Trial(trial_id=tid, victim_index=vi, defense=d.name, config=config, axes=axes,
+                                            clean_fraction=fraction, shots=shots, subset_seed=seed,
+                                            clean_rule=spec.clean_rule))
     return trials
 
 
@@ -422,7 +419,7 @@ def output_dir(path: Path, flag: str = "--out") -> Path:
     return path
 
 
-def count_summary(spec: StudySpec, trials: list[dict]) -> str:
+def count_summary(spec: StudySpec, trials: list[Trial]) -> str:
     """One line per victim (what its attack is, where in the spec it comes from), then one per
     defence: how many trials and from which axes (for --dry-run and the log)."""
     sources = spec.victim_sources or [f"victims[{i}]" for i in range(len(spec.victims))]
@@ -443,7 +440,7 @@ def count_summary(spec: StudySpec, trials: list[dict]) -> str:
         n_victims = len(spec.victims) if d.victims is None else len(d.victims)
         lines.append(f"  {d.name:5s} {n_victims} victim(s) x {axes} x {budgets} budget(s) "
                      f"x {len(spec.subset_seeds)} subset seed(s)")
-    by_defense = {n: sum(t['defense'] == n for t in trials) for n in dict.fromkeys(d.name for d in spec.defenses)}
+    by_defense = {n: sum(t.defense == n for t in trials) for n in dict.fromkeys(d.name for d in spec.defenses)}
     lines.append("  trials per defence: " + ", ".join(f"{k} {v}" for k, v in by_defense.items())
                  + f"; total {len(trials)} (duplicates across sweeps counted once)")
     return "\n".join(lines)

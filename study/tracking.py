@@ -32,16 +32,14 @@ from search_spaces import GENERIC_AXES
 
 from .mlflow_data import InputCatalog, class_table, stage_table
 from .spec import StudySpec, attack_label  # attack_label lives in spec (no Ray / MLflow for the dry run)
+from .trial import FINAL_METRICS, METRICS, Trial
 
 BASE_COLUMNS = ["trial_id", "defense", "victim_id", "attack", "trigger_size", "lr", "lam", "clean_fraction",
                 "generator_size", "subset_seed", "acc", "asr", "acc_drop", "status", "mlflow_run_id"]
 EXTRA_COLUMNS = ["asr_eq9", "ra", "asr_x4", "asr_x9", "acc_before", "asr_before", "shots", "clean_images",
                  "seconds", "trial_seconds", "error", "node_id", "node_ip", "retries", "pack_size", *SUMMARY_KEYS,
                  "point_id", "started_at", "ended_at"]  # point_id: an Optuna point's seeds share it
-EPOCH_COLUMNS = ["trial_id", "epoch", "acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9", *SUMMARY_KEYS,
-                 "per_stage"]  # per_stage: JSON of the per-stage / per-layer diagnostics
-FINAL_METRICS = ("acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9", "acc_before", "asr_before", "acc_drop",
-                 "seconds", "trial_seconds", "clean_images")
+EPOCH_COLUMNS = ["trial_id", "epoch", *METRICS, *SUMMARY_KEYS, "per_stage"]  # per_stage: JSON of the per-stage / per-layer diagnostics
 
 
 def result_columns(spec: StudySpec) -> list[str]:
@@ -126,20 +124,19 @@ def _short(v: Any) -> str:
     return str(v)
 
 
-def run_name(trial: dict, attack: str | None = None) -> str:
+def run_name(trial: Trial, attack: str | None = None) -> str:
     """A child run's name, saying what the trial is: defence, the attack label when given
     (`StudyRecorder` gives it when the study has more than one), each swept axis value (2
     significant digits), the clean budget and the subset seed, e.g. `ft lr=0.014 2% s0`,
     `nad lr=0.01 10 shots s1`, `dhbe lr=0.1 s0` (data-free), `ft sig lr=0.014 2% s0`. The
     trial id is a tag."""
-    parts = ([str(trial["defense"])] + ([attack] if attack else [])
-             + [f"{k}={_short(v)}" for k, v in (trial.get("axes") or {}).items()])
-    if trial.get("clean_fraction") is not None:
-        parts.append(f"{float(trial['clean_fraction']) * 100:.3g}%")
-    elif trial.get("shots") is not None:
-        parts.append(f"{trial['shots']} shots")
-    if trial.get("subset_seed") is not None:
-        parts.append(f"s{trial['subset_seed']}")
+    parts = ([trial.defense] + ([attack] if attack else [])
+             + [f"{k}={_short(v)}" for k, v in trial.axes.items()])
+    if trial.clean_fraction is not None:
+        parts.append(f"{float(trial.clean_fraction) * 100:.3g}%")
+    elif trial.shots is not None:
+        parts.append(f"{trial.shots} shots")
+    parts.append(f"s{trial.subset_seed}")
     name = " ".join(parts)
     return name if len(name) < 100 else name[:96] + "..."
 
@@ -171,24 +168,23 @@ class StudyRecorder(tune.Callback):
             for rec in self.open[trial.trial_id].values():
                 rec.update(epochs=[], final=None)
             return
-        self.open[trial.trial_id] = {t["trial_id"]: self._open_run(t) for t in self.resolve(trial.config)}
+        self.open[trial.trial_id] = {t.trial_id: self._open_run(t) for t in self.resolve(trial.config)}
 
-    def _open_run(self, t: dict) -> dict:
-        v = self.victims[t["victim_index"]]
+    def _open_run(self, t: Trial) -> dict:
+        v = self.victims[t.victim_index]
         spec_victim = v["spec"]
         label = attack_label(spec_victim)
         tags = {"mlflow.parentRunId": self.parent_run_id,
                 "mlflow.runName": run_name(t, label if self.name_attacks else None),
-                "defense": t["defense"], "attack": label, "victim_id": v["victim_id"],
-                "trial_id": t["trial_id"], "study": self.spec.name}
+                "defense": t.defense, "attack": label, "victim_id": v["victim_id"],
+                "trial_id": t.trial_id, "study": self.spec.name}
         run = self.client.create_run(self.experiment_id, tags=tags)
-        full = dataclasses.asdict(build_defense(t["defense"], t["config"]).config)  # every field, defaults included
-        params = {**_flat("", full), **_flat("victim.", spec_victim), "defense": t["defense"],
-                  "clean_fraction": str(t["clean_fraction"]), "shots": str(t["shots"]),
-                  "subset_seed": str(t["subset_seed"]), "clean_rule": t.get("clean_rule", "balanced"),
-                  **_flat("axis.", t["axes"])}
+        full = dataclasses.asdict(build_defense(t.defense, t.config).config)  # every field, defaults included
+        params = {**_flat("", full), **_flat("victim.", spec_victim), "defense": t.defense,
+                  "clean_fraction": str(t.clean_fraction), "shots": str(t.shots),
+                  "subset_seed": str(t.subset_seed), "clean_rule": t.clean_rule, **_flat("axis.", t.axes)}
         self.client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
-        self._try(f"the inputs of trial {t['trial_id']}",
+        self._try(f"the inputs of trial {t.trial_id}",
                   lambda: self.client.log_inputs(run.info.run_id, datasets=self.inputs.for_trial(t)))
         return {"run_id": run.info.run_id, "trial": t, "epochs": [], "final": None, "config": full, "retries": 0}
 
@@ -218,7 +214,7 @@ class StudyRecorder(tune.Callback):
         spec's failures.max_retries; what it reported so far is discarded."""
         for rec in self.open.get(trial.trial_id, {}).values():
             rec.update(epochs=[], final=None, retries=rec["retries"] + 1)
-            self.log(f"[retry] {rec['trial']['defense']} trial {rec['trial']['trial_id']}: the trial's worker was "
+            self.log(f"[retry] {rec['trial'].defense} trial {rec['trial'].trial_id}: the trial's worker was "
                      f"lost ({_last_error_line(trial) or 'actor died'}); attempt {rec['retries'] + 1} of "
                      f"{self.spec.max_retries + 1}")
 
@@ -250,35 +246,33 @@ class StudyRecorder(tune.Callback):
         error = crash or final.get("error", "" if status == "finished" else "trial ended without a final report")
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, int(r["epoch"])) for r in rec["epochs"] for k, v in r.items()
-                   if (k in ("acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9") or is_diagnostic(k)) and _finite(v)]
+                   if (k in METRICS or is_diagnostic(k)) and _finite(v)]
         if status == "finished":
             final = {**final, "acc_drop": final["acc_before"] - final["acc"]}
             metrics += [Metric(f"final_{k}", float(final[k]), now, 0) for k in (*FINAL_METRICS, *SUMMARY_KEYS)
                         if _finite(final.get(k))]
         where = {k: str(final[k]) for k in ("node_id", "node_ip", "pack_size") if final.get(k)}
         tags = ([RunTag("status_detail", status), RunTag("retries", str(rec["retries"])),
-                 RunTag("results_row", str(position))] + ([RunTag("point_id", t["point_id"])] if t.get("point_id") else [])
+                 RunTag("results_row", str(position))] + ([RunTag("point_id", t.point_id)] if t.point_id else [])
                 + [RunTag(k, v) for k, v in where.items()] + ([RunTag("error", error[:5000])] if error else []))
         run_id = rec["run_id"]
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         tables = {"tables/per_stage.json": stage_table(rec["epochs"], is_diagnostic)}
         if status == "finished":
-            tables["tables/class_acc.json"] = class_table(final, self.victims[t["victim_index"]]["splits"].classes)
+            tables["tables/class_acc.json"] = class_table(final, self.victims[t.victim_index]["splits"].classes)
         for name, table in tables.items():
             if table:
-                self._try(f"{name} of trial {t['trial_id']}", lambda n=name, d=table: self.client.log_table(run_id, d, n))
+                self._try(f"{name} of trial {t.trial_id}", lambda n=name, d=table: self.client.log_table(run_id, d, n))
         self.client.set_terminated(run_id, status="FINISHED" if status == "finished" else "FAILED")
-        epoch_rows = [_epoch_row(r, t["trial_id"]) for r in rec["epochs"]]
+        epoch_rows = [_epoch_row(r, t.trial_id) for r in rec["epochs"]]
         row = {**self._row(t, final, status, error, run_id, rec["config"]), **where, "retries": rec["retries"]}
         self.done += 1
         self.failed += status == "failed"
-        what = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["axes"].items())
-        budget = (f"clean {t['clean_fraction']}" if t["clean_fraction"] is not None
-                  else f"{t['shots']} shots" if t["shots"] is not None else "no data")
+        what = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.axes.items())
         outcome = (f"ACC {final['acc']:.2f}  ASR {final['asr']:.2f}" if status == "finished"
                    else f"FAILED: {error[:160]}")
         packed = f" in a pack of {final['pack_size']}" if final.get("pack_size") else ""
-        line = (f"[{self.done:3d}/{self.total}] {t['defense']:4s} {what} {budget} seed {t['subset_seed']}: {outcome}"
+        line = (f"[{self.done:3d}/{self.total}] {t.defense:4s} {what} {t.budget} seed {t.subset_seed}: {outcome}"
                 f"  ({final.get('trial_seconds', float('nan')):.1f} s{packed}; "
                 f"{time.perf_counter() - self.t_start:.0f} s in)")
         return epoch_rows, row, line
@@ -294,20 +288,18 @@ class StudyRecorder(tune.Callback):
         except Exception as err:  # noqa: BLE001
             self.log(f"[mlflow] could not log {what}: {type(err).__name__}: {str(err)[:200]}")
 
-    def _row(self, t: dict, final: dict, status: str, error: str, run_id: str, config: dict) -> dict:
-        v = self.victims[t["victim_index"]]
-        row = {"trial_id": t["trial_id"], "defense": t["defense"], "victim_id": v["victim_id"],
+    def _row(self, t: Trial, final: dict, status: str, error: str, run_id: str, config: dict) -> dict:
+        v = self.victims[t.victim_index]
+        row = {"trial_id": t.trial_id, "defense": t.defense, "victim_id": v["victim_id"],
                "attack": attack_label(v["spec"]), "trigger_size": v["spec"]["attack_params"].get("trigger_size", ""),
-               "clean_fraction": t["clean_fraction"] if t["clean_fraction"] is not None else "",
-               "shots": t["shots"] if t["shots"] is not None else "", "subset_seed": t["subset_seed"],
-               "status": status, "mlflow_run_id": run_id, "error": error, "point_id": t.get("point_id", ""),
+               "clean_fraction": t.clean_fraction if t.clean_fraction is not None else "",
+               "shots": t.shots if t.shots is not None else "", "subset_seed": t.subset_seed,
+               "status": status, "mlflow_run_id": run_id, "error": error, "point_id": t.point_id or "",
                **{k: final[k] for k in ("started_at", "ended_at") if k in final}}
         for axis, per_defense in GENERIC_AXES.items():  # effective values, swept or not
-            field = per_defense.get(t["defense"])
+            field = per_defense.get(t.defense)
             row[axis] = config.get(field, "") if field else ""
-        row.update({k: v for k, v in t["axes"].items() if k not in GENERIC_AXES})
+        row.update({k: v for k, v in t.axes.items() if k not in GENERIC_AXES})
         if status == "finished":
-            row.update({k: final.get(k, "") for k in ("acc", "asr", "acc_drop", "asr_eq9", "ra", "asr_x4", "asr_x9",
-                                                       "acc_before", "asr_before", "clean_images", "seconds",
-                                                       "trial_seconds", *SUMMARY_KEYS)})
+            row.update({k: final.get(k, "") for k in (*FINAL_METRICS, *SUMMARY_KEYS)})
         return row

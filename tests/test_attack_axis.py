@@ -2,6 +2,7 @@
 (in order, before validation, errors naming the element), the `attack` label of results and
 runs, and the attack presets."""
 import csv
+import dataclasses
 import itertools
 import re
 import textwrap
@@ -14,6 +15,7 @@ import study.spec
 from study.sensitivity import main
 from study.spec import SpecError, count_summary, expand_trials, load_spec, parse_spec
 from study.tracking import ResultsFile, StudyRecorder, attack_label, result_columns, run_name
+from study.trial import Trial
 
 VICTIM = {"dataset": "digits", "model": "small_cnn", "epochs": 3}
 FT = {"name": "ft", "config": {"epochs": 2, "samples_per_epoch": 64, "milestones": [1]}, "sweep": {"lr": [0.01, 0.05]}}
@@ -62,10 +64,10 @@ def test_expanded_victims_are_the_victims_written_out():
     written = _spec([{**VICTIM, "target": 3, "attack": "badnets", "attack_params": {"trigger_size": 3}},
                      {**VICTIM, "target": 3, "attack": "blend", "attack_params": {}, "poison_rate": 0.2}])
     a, b = expand_trials(parse_spec(expanded)), expand_trials(parse_spec(written))
-    assert [t["trial_id"] for t in a] == [t["trial_id"] for t in b] and len(a) == 4
+    assert [t.trial_id for t in a] == [t.trial_id for t in b] and len(a) == 4
     # ... and the first is the default victim with target 3: the id it had before attacks existed
     plain = expand_trials(parse_spec(_spec([{**VICTIM, "target": 3}])))
-    assert [t["trial_id"] for t in plain] == [t["trial_id"] for t in a[:2]]
+    assert [t.trial_id for t in plain] == [t.trial_id for t in a[:2]]
 
 
 def test_recipe_entry_with_attacks_overrides_only_the_attack():
@@ -83,7 +85,7 @@ def test_defense_victim_indices_count_the_expanded_victims():
     victims = [VICTIM, {**VICTIM, "attacks": ["blend", {"attack": "badnets", "target": 4}]}]
     spec = parse_spec(_spec(victims, [{**FT, "victims": [2]}]))
     trials = expand_trials(spec)
-    assert {t["victim_index"] for t in trials} == {2} and spec.victims[2].target == 4
+    assert {t.victim_index for t in trials} == {2} and spec.victims[2].target == 4
     assert "defenses[0].victims[0]: must be an index into victims (0..2)" in \
         _error(_spec(victims, [{**FT, "victims": [3]}]))
 
@@ -161,10 +163,11 @@ def test_attack_label():
 
 
 def test_run_name_carries_the_attack_when_given():
-    t = {"defense": "ft", "axes": {"lr": 0.0141}, "clean_fraction": 0.02, "shots": None, "subset_seed": 0}
+    t = Trial(trial_id="0123456789ab", victim_index=0, defense="ft", config={}, axes={"lr": 0.0141},
+              clean_fraction=0.02, shots=None, subset_seed=0)
     assert run_name(t) == "ft lr=0.014 2% s0"
     assert run_name(t, "blend") == "ft blend lr=0.014 2% s0"
-    assert run_name({**t, "defense": "dhbe", "axes": {}, "clean_fraction": None}, "sig all-to-all") == \
+    assert run_name(dataclasses.replace(t, defense="dhbe", axes={}, clean_fraction=None), "sig all-to-all") == \
         "dhbe sig all-to-all s0"
 
 
@@ -182,12 +185,12 @@ def _record(tmp_path, store: str, victims: list) -> tuple[list[dict], list]:
     rec = StudyRecorder(spec=spec, results=results, epochs=ResultsFile(tmp_path / "epochs.csv", ["trial_id"]),
                         client=client, experiment_id=experiment, parent_run_id=parent, victims=packed,
                         resolve=lambda c: [c["trial"]], total=len(spec.victims), log=lambda m: None)
-    trials = [t for t in expand_trials(spec) if t["axes"]["lr"] == 0.01]
+    trials = [t for t in expand_trials(spec) if t.axes["lr"] == 0.01]
     runs = []
     for t in trials:
-        tune_trial = SimpleNamespace(trial_id=f"tune-{t['trial_id']}", config={"trial": t})
+        tune_trial = SimpleNamespace(trial_id=f"tune-{t.trial_id}", config={"trial": t})
         rec.on_trial_start(0, [], tune_trial)
-        runs.append(client.get_run(rec.open[tune_trial.trial_id][t["trial_id"]]["run_id"]))
+        runs.append(client.get_run(rec.open[tune_trial.trial_id][t.trial_id]["run_id"]))
         rec.on_trial_result(0, [], tune_trial, {"done": True, "status": "failed", "error": "stopped"})
         rec.on_trial_complete(0, [], tune_trial)
     with open(tmp_path / "results.csv", newline="") as f:

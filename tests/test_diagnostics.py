@@ -173,10 +173,12 @@ def test_trigger_response_is_zero_without_a_trigger_and_nonzero_with_one(digits_
     assert all(float(v.abs().max()) > 0.0 for v in real.values())
 
 
-def test_the_analysis_lists_the_same_scalar_diagnostics_as_backdoor():
-    from analysis.table import DIAGNOSTICS
+def test_the_analysis_lists_the_same_scalar_diagnostics_and_metrics_as_backdoor():
+    from analysis.table import DIAGNOSTICS, METRICS
+    from backdoor.metrics import METRICS as EVALUATED
 
     assert DIAGNOSTICS == D.SUMMARY_KEYS
+    assert METRICS == EVALUATED
     assert all(D.is_diagnostic(k) for k in D.SUMMARY_KEYS)
     assert D.is_diagnostic("bn_drift.layer2") and not D.is_diagnostic("bn_drift") and not D.is_diagnostic("acc")
 

@@ -257,7 +257,7 @@ def test_a_study_spec_takes_backdoorbench_entries_and_names_bad_ones(bb, tmp_pat
            "defenses": [{"name": "clp"}]}
     spec = parse_spec(raw)
     trials = expand_trials(spec)
-    assert len(trials) == 2 and trials[0]["trial_id"] != trials[1]["trial_id"]
+    assert len(trials) == 2 and trials[0].trial_id != trials[1].trial_id
     summary = count_summary(spec, trials)
     assert "backdoorbench" in summary and "badnet_vgg" in summary
     raw["victims"][1]["backdoorbench"] = str(tmp_path / "missing.pt")

@@ -8,6 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from study.runner import start_tracking
 from study.spec import expand_trials, parse_spec
+from study.trial import Trial
 from study.tracking import EXPERIMENT_KIND, StudyRecorder, run_name
 
 KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -18,7 +19,7 @@ def _trial(**over):
     t = {"trial_id": "0123456789ab", "victim_index": 0, "defense": "ft", "config": {}, "axes": {"lr": 0.0141},
          "clean_fraction": 0.02, "shots": None, "subset_seed": 0, "clean_rule": "balanced"}
     t.update(over)
-    return t
+    return Trial(**t)
 
 
 # --- run names ----------------------------------------------------------------------------------
@@ -109,7 +110,7 @@ def test_child_run_is_named_by_its_trial(tmp_path, store):
     rec = StudyRecorder(spec=_spec(), results=None, epochs=None, client=client, experiment_id=state["experiment_id"],
                         parent_run_id=parent, victims=victims, resolve=lambda c: [c["trial"]], total=1)
     rec.on_trial_start(0, [], SimpleNamespace(trial_id="tune1", config={"trial": t}))
-    run = client.get_run(rec.open["tune1"][t["trial_id"]]["run_id"])
+    run = client.get_run(rec.open["tune1"][t.trial_id]["run_id"])
     assert run.info.run_name == "ft lr=0.014 7% s1"
     assert run.data.tags["trial_id"] == "0123456789ab" and run.data.tags["mlflow.parentRunId"] == parent
 

@@ -83,7 +83,7 @@ def test_the_committed_quick_baseline_matches_the_quick_preset():
     base = json.loads((ROOT / "study" / "baselines" / "quick.json").read_text())
     assert base["spec_hash"] == spec_hash(quick.raw)
     assert set(base["measures"]) == {d.name for d in quick.defenses}            # a real run of every defence
-    assert set(base["trials"]) == {t["trial_id"] for t in expand_trials(quick)}  # ... and of every trial
+    assert set(base["trials"]) == {t.trial_id for t in expand_trials(quick)}  # ... and of every trial
     # tolerances per defence from a recorded spread, never below the defaults
     assert set(base["tolerances_by_defense"]) == set(base["measures"]) and base["spread"]["note"]
     assert all(tol[m] >= base["tolerances"][m] for tol in base["tolerances_by_defense"].values() for m in MEASURES)

@@ -32,12 +32,12 @@ def test_grid_size_is_the_product_and_duplicates_count_once():
         {"name": "dhbe", "config": {"epochs": 1, "iters_per_epoch": 1}, "sweep": {"generator_size": [3, 5]}}],
         clean={"fractions": [0.02, 0.07], "shots": [5], "subset_seeds": [0, 1]}))
     trials = expand_trials(spec)
-    by = lambda name: [t for t in trials if t["defense"] == name]  # noqa: E731
+    by = lambda name: [t for t in trials if t.defense == name]  # noqa: E731
     assert len(by("ft")) == 5 * 3 * 2
     assert len(by("nft")) == 4 * 3 * 2           # the third entry adds nothing new
     assert len(by("dhbe")) == 2 * 1 * 2          # data-free: one budget
-    assert len({t["trial_id"] for t in trials}) == len(trials)
-    assert all(t["config"].get("eta") != 0.001 for t in by("nft"))  # defaults are not spelled out
+    assert len({t.trial_id for t in trials}) == len(trials)
+    assert all(t.config.get("eta") != 0.001 for t in by("nft"))  # defaults are not spelled out
 
 
 def test_dry_run_prints_the_grid_and_its_size(tmp_path, capsys):
@@ -104,8 +104,8 @@ def test_recipe_victims_and_the_first_clean_rule_in_a_spec():
     assert (v.target, v.poison_count, v.model, v.milestones) == (9, 300, "small_cnn", [100, 150])
     balanced = expand_trials(parse_spec(tiny_spec()))
     first = expand_trials(parse_spec(tiny_spec(clean={"fractions": [0.02], "subset_seeds": [0], "rule": "first"})))
-    assert [t["clean_rule"] for t in first] == ["first", "first"] and balanced[0]["clean_rule"] == "balanced"
-    assert {t["trial_id"] for t in first}.isdisjoint(t["trial_id"] for t in balanced)
+    assert [t.clean_rule for t in first] == ["first", "first"] and balanced[0].clean_rule == "balanced"
+    assert {t.trial_id for t in first}.isdisjoint(t.trial_id for t in balanced)
 
 
 def test_presets_are_valid_and_quick_has_what_the_quickstart_promises():

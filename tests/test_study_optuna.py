@@ -43,14 +43,14 @@ def test_searches_are_per_budget_and_points_span_every_seed():
 
     spec = parse_spec(tiny_spec(clean={"fractions": [0.02, 0.07], "shots": [5], "subset_seeds": [0, 3]}))
     found = searches(spec)
-    assert [(s["base"]["clean_fraction"], s["base"]["shots"]) for s in found] == [(0.02, None), (0.07, None), (None, 5)]
-    assert len({s["base"]["id_salt"] for s in found}) == 3 and len({s["name"] for s in found}) == 3
+    assert [(s["base"].clean_fraction, s["base"].shots) for s in found] == [(0.02, None), (0.07, None), (None, 5)]
+    assert len({s["base"].salt for s in found}) == 3 and len({s["name"] for s in found}) == 3
     members = resolve_members({"axis:lr": 0.03}, found[1]["base"])
-    assert [m["subset_seed"] for m in members] == [0, 3]
-    assert {m["clean_fraction"] for m in members} == {0.07} and {m["config"]["lr"] for m in members} == {0.03}
-    assert len({m["point_id"] for m in members}) == 1 and len({m["trial_id"] for m in members}) == 2
+    assert [m.subset_seed for m in members] == [0, 3]
+    assert {m.clean_fraction for m in members} == {0.07} and {m.config["lr"] for m in members} == {0.03}
+    assert len({m.point_id for m in members}) == 1 and len({m.trial_id for m in members}) == 2
     other = resolve_members({"axis:lr": 0.03}, found[0]["base"])   # the same lr at another budget: another point
-    assert other[0]["point_id"] != members[0]["point_id"]
+    assert other[0].point_id != members[0].point_id
 
 
 def test_point_objective_is_the_mean_acc_and_the_worst_asr_and_a_failed_seed_fails_the_point():

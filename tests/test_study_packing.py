@@ -6,6 +6,7 @@ test_study_resume."""
 from studies import TINY_FT, tiny_spec, write_spec
 from study.packs import group_trials, pack_key
 from study.spec import expand_trials, parse_spec
+from study.trial import Pack
 
 
 def test_grouping_puts_only_compatible_trials_together_up_to_the_pack_size():
@@ -17,14 +18,14 @@ def test_grouping_puts_only_compatible_trials_together_up_to_the_pack_size():
     trials = expand_trials(spec)
     assert group_trials(trials, 1) == trials
     units = group_trials(trials, 4)
-    packs = [u["pack"] for u in units if "pack" in u]
-    alone = [u for u in units if "pack" not in u]
+    packs = [u.members for u in units if isinstance(u, Pack)]
+    alone = [u for u in units if not isinstance(u, Pack)]
     assert sorted(len(p) for p in packs) == [2, 4, 4]          # 6 FT trials -> 4 + 2; the batch-32 ones apart
     assert all(len({pack_key(t) for t in p}) == 1 for p in packs)
-    assert {t["defense"] for t in alone} == {"anp"} and len(alone) == 4
-    assert sorted(t["trial_id"] for p in packs for t in p) + sorted(t["trial_id"] for t in alone) \
-        == sorted(t["trial_id"] for t in trials if t["defense"] == "ft") + sorted(
-            t["trial_id"] for t in trials if t["defense"] == "anp")
+    assert {t.defense for t in alone} == {"anp"} and len(alone) == 4
+    assert sorted(t.trial_id for p in packs for t in p) + sorted(t.trial_id for t in alone) \
+        == sorted(t.trial_id for t in trials if t.defense == "ft") + sorted(
+            t.trial_id for t in trials if t.defense == "anp")
 
 
 def test_bad_pack_values_are_refused_by_name(tmp_path, capsys):

@@ -14,6 +14,7 @@ from helpers import results_rows
 from studies import TINY_FT, child_runs, run_study, tiny_spec, write_spec
 from study.packs import group_trials
 from study.spec import expand_trials, parse_spec
+from study.trial import Pack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +54,7 @@ def test_a_killed_study_resumes_only_what_is_missing_without_duplicate_rows_or_r
     assert len(before) >= 2, "the study should have recorded two trials before it was killed"
     recorded = {r["trial_id"] for r in before}
     units = group_trials(expand_trials(parse_spec(spec)), 2)
-    packs = [{t["trial_id"] for t in u["pack"]} for u in units if "pack" in u]
+    packs = [{t.trial_id for t in u.members} for u in units if isinstance(u, Pack)]
     assert len(packs) == 2 and len(units) == 4
     assert all(p <= recorded or not p & recorded for p in packs), "a pack was recorded in part"
     rc, printed = run_study(tmp_path, ray_runtime, "--resume", out)

@@ -1,8 +1,6 @@
 """The purify trainable: victim (from the object store) -> clean subset -> defence -> tune.report."""
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 
@@ -15,45 +13,17 @@ from backdoor.diagnostics import is_diagnostic
 from backdoor.packing import Member, pack_refusal, run_pack
 from backdoor.purify import run_defense
 from backdoor.victims import deserialize_victim
-
-METRICS = ("acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9")
-
-
-def resolve_members(config: dict, base: dict | None = None) -> list[dict]:
-    """The trials a Tune config stands for: the members of a pack (`{"trial": {"pack": [...]}}`);
-    with a searcher's `base` that names `subset_seeds` (an Optuna point), the point on every
-    subset seed; else the one trial `resolve_trial` gives."""
-    unit = config.get("trial")
-    if base is None and isinstance(unit, dict) and "pack" in unit:
-        return list(unit["pack"])
-    if base is not None and base.get("subset_seeds"):
-        return [resolve_trial(config, {**base, "subset_seed": s}) for s in base["subset_seeds"]]
-    return [resolve_trial(config, base)]
+from backdoor.metrics import METRICS
+from study.trial import SearchBase, Trial, members_of
 
 
-def resolve_trial(config: dict, base: dict | None = None) -> dict:
-    """The trial a Tune config stands for: `config["trial"]` on a grid; with a searcher
-    (Optuna), `base` plus the sampled `axis:<name>` values mapped to config fields. A sampled
-    trial's id is a hash of what it is, salted by its search (victim, defence entry, budget);
-    its `point_id` leaves the subset seed out, so the point's seeds share it."""
-    if base is None:
-        return config["trial"]
-    trial = {k: v for k, v in base.items() if k not in ("subset_seeds", "pack")}
-    trial.update(axes=dict(base.get("axes", {})), config=dict(base["config"]))
-    for key, value in config.items():
-        if key.startswith("axis:"):
-            name = key[5:]
-            trial["axes"][name] = value
-            trial["config"][base["fields"][name]] = value
-    if trial.get("trial_id") is None:
-        what = {k: trial[k] for k in ("defense", "config", "clean_fraction", "shots")}
-        trial["point_id"] = base["id_salt"] + _digest(what)
-        trial["trial_id"] = base["id_salt"] + _digest({**what, "subset_seed": trial["subset_seed"]})
-    return trial
 
-
-def _digest(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:8]
+def resolve_members(config: dict, base: SearchBase | None = None) -> list[Trial]:
+    """The trials a Tune config stands for: on a grid, `config["trial"]` (a `Trial`, or a
+    `Pack`'s members); with an Optuna search's `base`, the sampled point on every subset seed."""
+    if base is not None:
+        return base.resolve(config)
+    return members_of(config["trial"])
 
 
 def point_objective(finals: list[dict]) -> dict:
@@ -71,7 +41,7 @@ def _reported(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k in METRICS or is_diagnostic(k)}
 
 
-def purify_trial(config: dict, victims: dict, base: dict | None = None, cpus_per_trial: float = 1.0,
+def purify_trial(config: dict, victims: dict, base: SearchBase | None = None, cpus_per_trial: float = 1.0,
                  save_dir: str | None = None) -> None:
     """One Tune trial: one study trial, a pack, or an Optuna point on every subset seed.
     Reports every epoch (`epoch`, ACC, ASR, ...) and a final row with `done=True`; a trial
@@ -83,8 +53,8 @@ def purify_trial(config: dict, victims: dict, base: dict | None = None, cpus_per
     t0 = time.perf_counter()
     ctx = ray.get_runtime_context()
     where = {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}  # which node ran it
-    if base is not None and base.get("subset_seeds"):
-        return _point_trial(members, victims, t0, where, pack=bool(base.get("pack")), save_dir=save_dir)
+    if base is not None:
+        return _point_trial(members, victims, t0, where, pack=base.pack, save_dir=save_dir)
     if len(members) > 1:
         _pack_trial(members, victims, t0, where)
         tune.report({"done": True, "pack_size": len(members)})
@@ -93,14 +63,14 @@ def purify_trial(config: dict, victims: dict, base: dict | None = None, cpus_per
     tune.report({"done": True, **final, "trial_seconds": time.perf_counter() - t0, **where})
 
 
-def _one(trial: dict, victims: dict, save_dir: str | None, on_metrics) -> dict:
+def _one(trial: Trial, victims: dict, save_dir: str | None, on_metrics) -> dict:
     """Run one study trial; its final report (ACC, ASR, ..., or the failure)."""
     started = time.time()
     try:
-        victim = deserialize_victim(victims[trial["victim_index"]], device="auto")
-        out = run_defense(victim, trial["defense"], trial["config"], clean_fraction=trial["clean_fraction"],
-                          shots=trial["shots"], subset_seed=trial["subset_seed"], seed=trial["subset_seed"],
-                          clean_rule=trial.get("clean_rule", "balanced"),
+        victim = deserialize_victim(victims[trial.victim_index], device="auto")
+        out = run_defense(victim, trial.defense, trial.config, clean_fraction=trial.clean_fraction,
+                          shots=trial.shots, subset_seed=trial.subset_seed, seed=trial.subset_seed,
+                          clean_rule=trial.clean_rule,
                           log=lambda m: None, keep_model=save_dir is not None, on_metrics=on_metrics)
         if save_dir is not None:
             _save(out, victim, trial, save_dir)
@@ -109,7 +79,7 @@ def _one(trial: dict, victims: dict, save_dir: str | None, on_metrics) -> dict:
     return {**_final(out), "started_at": started, "ended_at": time.time()}
 
 
-def _point_trial(members: list[dict], victims: dict, t0: float, where: dict, *, pack: bool,
+def _point_trial(members: list[Trial], victims: dict, t0: float, where: dict, *, pack: bool,
                  save_dir: str | None) -> None:
     """An Optuna point: the same hyperparameters on every subset seed (one member each), as
     one pack when the spec packs and the defence can be, else one seed after another. Each
@@ -117,32 +87,32 @@ def _point_trial(members: list[dict], victims: dict, t0: float, where: dict, *, 
     (`point_objective`: mean ACC, worst ASR over the seeds), which the searcher reads."""
     first = members[0]
     if pack and len(members) > 1 and save_dir is None and not pack_refusal(
-            first["defense"], build_defense(first["defense"], first["config"]).config):
+            first.defense, build_defense(first.defense, first.config).config):
         finals = _pack_trial(members, victims, t0, where)
     else:
         finals = []
         for t in members:
-            final = _one(t, victims, save_dir, lambda epoch, m, tid=t["trial_id"]: tune.report(
+            final = _one(t, victims, save_dir, lambda epoch, m, tid=t.trial_id: tune.report(
                 {"member": tid, "epoch": epoch, **_reported(m)}))
-            tune.report({"member": t["trial_id"], "member_final": True, **final,
+            tune.report({"member": t.trial_id, "member_final": True, **final,
                          "trial_seconds": time.perf_counter() - t0, **where})
             finals.append(final)
     tune.report({"done": True, **point_objective(finals), "seeds": len(members)})
 
 
-def _save(out: dict, victim, trial: dict, save_dir: str) -> None:
+def _save(out: dict, victim, trial: Trial, save_dir: str) -> None:
     """The trial's purified model and what it is, as `<save_dir>/<trial id>.safetensors` + `.json`."""
     from pathlib import Path
 
     from backdoor.export import save_purified
 
-    info = {"model": victim.spec.model, "defense": trial["defense"], "config": out.pop("config"),
-            "trial_id": trial["trial_id"], "axes": trial["axes"],
+    info = {"model": victim.spec.model, "defense": trial.defense, "config": out.pop("config"),
+            "trial_id": trial.trial_id, "axes": trial.axes,
             "victim": {"victim_id": victim.victim_id, "spec": victim.spec.to_dict(), "provenance": victim.provenance},
-            "clean": {"fraction": trial["clean_fraction"], "shots": trial["shots"], "subset_seed": trial["subset_seed"],
-                      "rule": trial.get("clean_rule", "balanced")},
+            "clean": {"fraction": trial.clean_fraction, "shots": trial.shots, "subset_seed": trial.subset_seed,
+                      "rule": trial.clean_rule},
             "before": out["before"], "after": out["after"]}
-    save_purified(out.pop("model"), Path(save_dir) / trial["trial_id"], info)
+    save_purified(out.pop("model"), Path(save_dir) / trial.trial_id, info)
 
 
 def _final(out: dict) -> dict:
@@ -155,20 +125,20 @@ def _failed(err: BaseException) -> dict:
     return {"status": "failed", "error": f"{type(err).__name__}: {err}"[:2000], "acc": math.nan, "asr": math.nan}
 
 
-def _pack_trial(members: list[dict], victims: dict, t0: float, where: dict) -> list[dict]:
+def _pack_trial(members: list[Trial], victims: dict, t0: float, where: dict) -> list[dict]:
     """A pack: K trials of one defence on one victim as one computation (`backdoor.packing`).
     Every report names its member (`member`: the trial id): per-epoch metrics, then one
     `member_final` report per member; the caller's last report (`done=True`) closes the pack. A member
     that fails (diverges) is that member's failed report; an error of the whole pack fails
     every member with its text. Returns the members' final reports (the caller closes)."""
     started = time.time()
-    ids = [t["trial_id"] for t in members]
+    ids = [t.trial_id for t in members]
     first = members[0]
     try:
-        victim = deserialize_victim(victims[first["victim_index"]], device="auto")
-        outs = run_pack(victim, first["defense"],
-                        [Member(t["config"], t["clean_fraction"], t["shots"], t["subset_seed"], t["subset_seed"],
-                                t.get("clean_rule", "balanced")) for t in members],
+        victim = deserialize_victim(victims[first.victim_index], device="auto")
+        outs = run_pack(victim, first.defense,
+                        [Member(t.config, t.clean_fraction, t.shots, t.subset_seed, t.subset_seed, t.clean_rule)
+                         for t in members],
                         log=lambda m: None,
                         on_metrics=lambda m, epoch, metrics: tune.report({"member": ids[m], "epoch": epoch,
                                                                           **_reported(metrics)}))

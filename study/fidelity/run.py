@@ -25,6 +25,7 @@ import torch
 
 from backdoor.checkpoint import EXIT_INCOMPLETE, INCOMPLETE_MESSAGE, Checkpoint, Deadline, Incomplete
 from backdoor.data import default_cache_dir, load_dataset
+from backdoor.metrics import METRICS
 from backdoor.defenses import DEFENSES, build_defense
 from backdoor.purify import defense_checkpoint, run_defense
 from backdoor.runtime import PRECISIONS, precision, resolve_device
@@ -35,7 +36,6 @@ from .rows import PRESETS, ROWS, Row, defense_config, select_rows, victim_spec
 from .verdict import judge, judge_amplified, render_markdown
 
 STATE_FORMAT = 1
-KEPT_METRICS = ("acc", "asr", "asr_eq9", "ra", "asr_x4", "asr_x9")
 
 
 class FidelityError(ValueError):
@@ -333,8 +333,8 @@ def _run_row(row: Row, ctx: _Context) -> tuple[dict, Checkpoint]:
     with precision(settings.precision):
         out = run_defense(victim, defense, clean_fraction=row.clean_fraction, clean_rule=row.clean_rule, log=ctx.log,
                           evaluate_epoch=_evaluate_epochs(settings, row, config), checkpoint=checkpoint)
-    before = {k: out["before"][k] for k in KEPT_METRICS if k in out["before"]}
-    after = {k: out["after"][k] for k in KEPT_METRICS if k in out["after"]}
+    before = {k: out["before"][k] for k in METRICS if k in out["before"]}
+    after = {k: out["after"][k] for k in METRICS if k in out["after"]}
     kept = ("epoch", "steps", "iterations", "acc", "asr", row.asr_metric)
     history = [{k: h[k] for k in kept if k in h} for h in out["history"] if "acc" in h]
     trained = 0.0  # the victim's training counts towards the first row that used it (and trained it)
