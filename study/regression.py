@@ -31,6 +31,7 @@ import yaml
 from backdoor.defenses import DEFENSES
 from search_spaces import config_field
 
+from .options import RunOptions
 from .spec import SpecError, load_spec, output_dir, parse_spec
 from .tolerances import MARGIN, measure_spread, tolerances_from, trial_spread
 
@@ -174,6 +175,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--address", default=None, help="Ray cluster address, as in study.sensitivity")
     p.add_argument("--data-root", default=None, help="dataset directory, as in study.sensitivity")
     p.add_argument("--cache-dir", default=None, help="victim cache, as in study.sensitivity")
+    p.add_argument("--storage-path", default=None, help="Tune's trial files on a cluster, as in study.sensitivity")
     return p.parse_args(argv)
 
 
@@ -220,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "regression-spec.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     from . import sensitivity
 
-    flags = [f for k in ("mlflow_uri", "address", "data_root", "cache_dir") if getattr(a, k)
-             for f in (f"--{k.replace('_', '-')}", getattr(a, k))]
-    rc = sensitivity.main(["--config", str(out / "regression-spec.yaml"), "--out", str(out), *flags])
+    options = RunOptions(cache_dir=a.cache_dir, data_root=a.data_root, address=a.address, storage_path=a.storage_path)
+    state = {"tracking_uri": sensitivity.tracking_uri(a.mlflow_uri), "search": options.search}
+    rc = sensitivity.run_spec(parse_spec(raw, str(out / "regression-spec.yaml")), out, state, options, log)
     if rc == 2 or not (out / "results.csv").exists():
         print(f"error: the study could not run (exit {rc})", file=sys.stderr)
         return 2

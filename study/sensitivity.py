@@ -25,8 +25,10 @@ import yaml
 
 from backdoor.weak_victim import check_threshold, victim_warning
 
+from .options import RunOptions
 from .spec import SpecError, StudySpec, count_summary, expand_trials, load_spec, output_dir, parse_spec, read_yaml
 from .tracking import read_results
+from .trial import Trial
 
 DEFAULT_MLFLOW_URI = "sqlite:///mlflow.db"
 
@@ -105,6 +107,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"budget {budget}  seed {t.subset_seed}")
         return 0
 
+    options = RunOptions(cache_dir=a.cache_dir, data_root=a.data_root, address=a.address,
+                         storage_path=a.storage_path, search=a.search, num_samples=a.num_samples,
+                         save_models=a.save_models)
+    return run_spec(spec, out, state, options, log, trials=trials, t0=t0)
+
+
+def run_spec(spec: StudySpec, out: Path, state: dict, options: RunOptions, log=print, *,
+             trials: list[Trial] | None = None, t0: float | None = None) -> int:
+    """Run a checked spec into `out` (a new study, or the rest of one already there) and say
+    where its results are; the exit code (0 all finished, 1 some failed, 2 bad input).
+    `state` holds at least the MLflow `tracking_uri` (`tracking_uri`); `study.regression`
+    calls this with the spec it pins."""
+    t0 = time.perf_counter() if t0 is None else t0
+    trials = expand_trials(spec) if trials is None else trials
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "study.yaml").exists():
         (out / "study.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
@@ -114,9 +130,6 @@ def main(argv: list[str] | None = None) -> int:
     from . import runner  # Ray, MLflow and Optuna load only when something runs
 
     try:
-        options = runner.RunOptions(cache_dir=a.cache_dir, data_root=a.data_root, address=a.address,
-                                     storage_path=a.storage_path, search=a.search, num_samples=a.num_samples,
-                                     save_models=a.save_models)
         failed = runner.run_study(spec, trials, out, state, done_ids, options=options, log=log)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -132,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     log(f"see the runs: mlflow ui --backend-store-uri {state['tracking_uri']}, then open "
         f"http://127.0.0.1:5000/#/experiments/{state['experiment_id']}?workflowType=machine_learning")
     return 1 if n_failed or failed else 0
+
+
+def tracking_uri(flag: str | None) -> str:
+    """The MLflow store a new study records to: the flag, else $MLFLOW_TRACKING_URI, else a
+    sqlite file in the working directory."""
+    return flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_MLFLOW_URI
 
 
 def cached_victim_lines(spec: StudySpec, cache_dir: str | None) -> list[str]:
@@ -195,7 +214,7 @@ def _setup(a: argparse.Namespace) -> tuple[StudySpec, Path, dict]:
             raise SpecError(str(err)) from err
     if a.save_models != "none" and spec.pack > 1:
         spec.pack = 1  # a pack trains its members as one network: models are saved per unpacked trial
-    state.setdefault("tracking_uri", a.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_MLFLOW_URI)
+    state.setdefault("tracking_uri", tracking_uri(a.mlflow_uri))
     state["search"] = a.search
     return spec, out, state
 
