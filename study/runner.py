@@ -5,7 +5,6 @@ Kept apart from `sensitivity` so `--dry-run` and spec errors never start Ray or 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -19,24 +18,12 @@ from backdoor.weak_victim import victim_warning
 from trainables.purify_trial import purify_trial, resolve_members
 from trainables.victim_stage import victim_task
 
+from .options import RunOptions
 from .packs import group_trials, pack_summary
 from .spec import SpecError, StudySpec
 from .trial import Trial
-from .tracking import (EPOCH_COLUMNS, EXPERIMENT_KIND, ResultsFile, StudyRecorder, mark_experiment_kind,
-                       read_results, result_columns)
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How a study runs, as opposed to what it runs (the spec): where Ray, the data, the victim
-    cache and Tune's files are, and the search. `study.sensitivity` builds it from its flags."""
-    cache_dir: str | None = None        # victim cache (default $BACKDOOR_CACHE)
-    data_root: str | None = None        # dataset directory (image folders)
-    address: str | None = None          # Ray cluster address; None: a Ray of this study's own
-    storage_path: str | None = None     # Tune's trial files: OUT/ray unless this (NFS path or s3:// URI)
-    search: str = "grid"                # "grid" or "optuna"
-    num_samples: int = 1                # Optuna: points per search
-    save_models: str = "none"           # "none", "best" or "all"
+from .mlflow_writer import TAG_LIMIT, open_experiment
+from .tracking import EPOCH_COLUMNS, ResultsFile, StudyRecorder, read_results, result_columns
 
 
 def tune_storage(storage_path: str | None, out: Path) -> str:
@@ -54,12 +41,7 @@ def start_tracking(spec: StudySpec, out: Path, state: dict, done_ids: set[str], 
     trials that never reached results.csv (killed mid-trial) are deleted: they run again."""
     mlflow.set_tracking_uri(state["tracking_uri"])
     client = MlflowClient(state["tracking_uri"])
-    exp = client.get_experiment_by_name(spec.experiment)
-    if exp is None:
-        experiment_id = client.create_experiment(spec.experiment, tags=EXPERIMENT_KIND)
-    else:  # an older experiment (or one made elsewhere): tag it so MLflow's UI opens on its runs
-        experiment_id = exp.experiment_id
-        mark_experiment_kind(client, exp)
+    experiment_id = open_experiment(client, spec.experiment)
     if state.get("parent_run_id"):
         parent = state["parent_run_id"]
         client.update_run(parent, status="RUNNING")
@@ -187,17 +169,14 @@ def run_study(spec: StudySpec, trials: list[Trial], out: Path, state: dict, done
     return failed
 
 
-NOTE_LIMIT = 8000   # MLflow's longest tag value
-
-
 def run_note(report: str) -> str:
     """report.md as a run description: whole when it fits MLflow's tag limit, else its leading
     sections and a pointer to the full artifact."""
-    if len(report) <= NOTE_LIMIT:
+    if len(report) <= TAG_LIMIT:
         return report
     tail = "\n\n*(The rest of the report is in this run's artifact `report.md`.)*"
-    cut = report.rfind("\n## ", 0, NOTE_LIMIT - len(tail))
-    return report[: cut if cut > 0 else NOTE_LIMIT - len(tail)].rstrip() + tail
+    cut = report.rfind("\n## ", 0, TAG_LIMIT - len(tail))
+    return report[: cut if cut > 0 else TAG_LIMIT - len(tail)].rstrip() + tail
 
 
 def run_analysis(out: Path, log, min_victim_asr: float) -> dict | None:

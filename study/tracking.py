@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
@@ -31,6 +31,7 @@ from backdoor.diagnostics import SUMMARY_KEYS, is_diagnostic
 from search_spaces import GENERIC_AXES
 
 from .mlflow_data import InputCatalog, class_table, stage_table
+from .mlflow_writer import params_of
 from .spec import StudySpec, attack_label  # attack_label lives in spec (no Ray / MLflow for the dry run)
 from .trial import FINAL_METRICS, METRICS, Trial
 
@@ -102,20 +103,6 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-# What the experiment is, for MLflow 3's UI (it uses the tag to pick a runs page over the GenAI Traces page
-# in some 3.x versions; 3.17 instead follows the UI's GenAI / Model training toggle, which
-# `?workflowType=machine_learning` in the URL sets)
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-
-
-def mark_experiment_kind(client: MlflowClient, experiment) -> None:
-    """Give an existing experiment (one created before the tag, or by other code) the
-    EXPERIMENT_KIND tag; no-op if it already has it."""
-    ((key, value),) = EXPERIMENT_KIND.items()
-    if experiment.tags.get(key) != value:
-        client.set_experiment_tag(experiment.experiment_id, key, value)
-
-
 def _short(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.2g}"
@@ -183,7 +170,7 @@ class StudyRecorder(tune.Callback):
         params = {**_flat("", full), **_flat("victim.", spec_victim), "defense": t.defense,
                   "clean_fraction": str(t.clean_fraction), "shots": str(t.shots),
                   "subset_seed": str(t.subset_seed), "clean_rule": t.clean_rule, **_flat("axis.", t.axes)}
-        self.client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+        self.client.log_batch(run.info.run_id, params=params_of(params))
         self._try(f"the inputs of trial {t.trial_id}",
                   lambda: self.client.log_inputs(run.info.run_id, datasets=self.inputs.for_trial(t)))
         return {"run_id": run.info.run_id, "trial": t, "epochs": [], "final": None, "config": full, "retries": 0}

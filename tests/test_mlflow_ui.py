@@ -9,7 +9,8 @@ from mlflow.tracking import MlflowClient
 from study.runner import start_tracking
 from study.spec import expand_trials, parse_spec
 from study.trial import Trial
-from study.tracking import EXPERIMENT_KIND, StudyRecorder, run_name
+from study.mlflow_writer import EXPERIMENT_KIND
+from study.tracking import StudyRecorder, run_name
 
 KIND = ("mlflow.experimentKind", "custom_model_development")
 VICTIM = {"dataset": "digits", "model": "small_cnn", "epochs": 3}

@@ -125,47 +125,38 @@ def _device_name(device: torch.device) -> str:
 
 
 class _MLflow:
-    """One MLflow run per finished row (params, metrics, verdict tag) when a URI is given and
-    MLflow imports; otherwise nothing."""
+    """One MLflow run per finished row (params, metrics, verdict tag; `study.mlflow_writer`, as
+    studies write) when a URI is given and MLflow imports; otherwise nothing."""
 
     def __init__(self, uri: str | None, log):
-        self.mlflow = None
+        self.client = None
         if uri is None:
             return
         try:
-            import mlflow
+            from mlflow.tracking import MlflowClient
+
+            from ..mlflow_writer import open_experiment, record_run
         except ImportError:
             log("warning: --mlflow-uri given but MLflow is not installed: rows are not logged to MLflow")
             return
-        mlflow.set_tracking_uri(uri)
-        self.mlflow = mlflow
-        exp = mlflow.set_experiment("fidelity")
-        self.experiment = exp.experiment_id
-        if exp.tags.get("mlflow.experimentKind") != "custom_model_development":  # MLflow 3 UI: not a GenAI experiment
-            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, "mlflow.experimentKind",
-                                                      "custom_model_development")
+        self.client = MlflowClient(uri)
+        self.record_run = record_run
+        self.experiment = open_experiment(self.client, "fidelity")
 
     def row(self, rec: dict, out: Path) -> None:
-        mlflow = self.mlflow
-        if mlflow is None:
+        if self.client is None:
             return
-        with mlflow.start_run(experiment_id=self.experiment, run_name=rec["row"]):
-            mlflow.set_tags({"row": rec["row"], "verdict": rec["verdict"], "preset": rec["preset"]})
-            params = {"schedule_scale": rec["schedule_scale"], "defense": rec.get("defense"), "device": rec.get("device")}
-            if "victim" in rec:
-                params["victim_id"] = rec["victim"]["victim_id"]
-                params["config"] = json.dumps(rec.get("config", {}))[:500]
-            mlflow.log_params(params)
-            metrics = {}
-            for when in ("before", "after"):
-                for k, v in rec.get(when, {}).items():
-                    if isinstance(v, (int, float)):
-                        metrics[f"{when}_{k}"] = v
-            for k in ("delta_asr_after", "acc_drop", "delta_acc_drop", "seconds"):
-                if isinstance(rec.get(k), (int, float)):
-                    metrics[k] = rec[k]
-            mlflow.log_metrics(metrics)
-            mlflow.log_artifact(str(out / "fidelity.md"))
+        params = {"schedule_scale": rec["schedule_scale"], "defense": rec.get("defense"), "device": rec.get("device")}
+        if "victim" in rec:
+            params["victim_id"] = rec["victim"]["victim_id"]
+            params["config"] = json.dumps(rec.get("config", {}))[:500]
+        metrics = {f"{when}_{k}": v for when in ("before", "after") for k, v in rec.get(when, {}).items()
+                   if isinstance(v, (int, float))}
+        metrics.update({k: rec[k] for k in ("delta_asr_after", "acc_drop", "delta_acc_drop", "seconds")
+                        if isinstance(rec.get(k), (int, float))})
+        self.record_run(self.client, self.experiment, rec["row"],
+                        tags={"row": rec["row"], "verdict": rec["verdict"], "preset": rec["preset"]},
+                        params=params, metrics=metrics, artifacts=(str(out / "fidelity.md"),))
 
 
 def _evaluate_epochs(settings: Settings, row: Row, config: dict):
