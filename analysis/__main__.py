@@ -50,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
                         "min_victim_asr in DIR/study.yaml, else 80)")
     p.add_argument("--keep-collapsed", action="store_true", help="keep collapsed trials in the curve fits")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits per curve (0: no bands) (200)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
+    p.add_argument("--bootstrap-seed", type=int, default=0, metavar="N", help="seed of the bootstrap refits (0)")
     p.add_argument("--no-plots", action="store_true", help="fits and report only")
+    if any(arg.split("=", 1)[0] == "--seed" for arg in (sys.argv[1:] if argv is None else argv)):
+        p.error("--seed was renamed --bootstrap-seed")   # (backdoor.cli_args.RENAMED; analysis stays torch-free)
     a = p.parse_args(argv)
     if (a.mlflow_uri is None) == (a.directory is None):
         p.error("give a study directory, or --mlflow-uri with --experiment and --out (not both)")
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.bootstrap < 0:
             raise ValueError(f"--bootstrap: {a.bootstrap} must be >= 0")
         collapse = CollapseRule(share=a.collapse_share, min_acc=a.collapse_acc)
-        out = analyze(a.directory, thresholds=th, form=a.form, n_boot=a.bootstrap, seed=a.seed,
+        out = analyze(a.directory, thresholds=th, form=a.form, n_boot=a.bootstrap, seed=a.bootstrap_seed,
                       fit_min_acc=a.fit_min_acc, collapse=collapse, keep_collapsed=a.keep_collapsed, make_plots=not a.no_plots, log=lambda m: print(m, flush=True))
     except (AnalysisError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .cli_args import device_args, refuse_renamed
 from .checkpoint import EXIT_INCOMPLETE, Checkpoint, Deadline, Incomplete
 from .data import CLEAN_RULES, DATASETS, ImageSet, clean_subset, default_cache_dir
 from .defenses import DEFENSES, Defense, DefenseDiverged, build_defense
@@ -218,16 +219,18 @@ def save_run(out: dict, victim: Victim, clean: dict, seed: int, where: Path) -> 
 def main(argv: list[str] | None = None) -> int:
     """CLI: purify the default digits victim (or one given by flags) with one defence."""
     p = argparse.ArgumentParser(prog="python -m backdoor.purify", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[device_args(compile_what=None)])
     p.add_argument("--defense", required=True, help=f"one of {sorted(DEFENSES)}")
     p.add_argument("--defense-config", default="{}", help="JSON of config overrides, e.g. '{\"lr\": 0.01}'")
     p.add_argument("--clean-fraction", type=float, default=None, help="clean data as a share of the training set")
     p.add_argument("--shots", type=int, default=None, help="clean images per class (instead of --clean-fraction)")
-    p.add_argument("--subset-seed", type=int, default=0)
+    p.add_argument("--subset-seed", type=int, default=0, help="which clean subset is drawn (default 0)")
     p.add_argument("--clean-rule", default="balanced", choices=list(CLEAN_RULES),
                    help="balanced: class-balanced subset (default); first: the first images of a seeded shuffle "
                         "of the pool (NFT's reference rule)")
-    p.add_argument("--seed", type=int, default=0, help="the defence's own randomness")
+    p.add_argument("--defense-seed", dest="seed", type=int, default=0,
+                   help="the defence's own randomness: batch order, initialisations (default 0)")
     v = p.add_argument_group("the victim (default: one this project trains, from --victim)")
     v.add_argument("--victim", default="{}", help="JSON of VictimSpec fields (default: digits BadNets small_cnn)")
     v.add_argument("--backdoorbench", default=None, metavar="PATH",
@@ -243,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"{sorted(ATTACKS)} (not trojan / lc)")
     v.add_argument("--attack-params", default="{}", help="--checkpoint: JSON of the attack's parameters")
     v.add_argument("--target", type=int, default=0, help="--checkpoint: the attack's target class (default 0)")
-    v.add_argument("--target-mode", default="all_to_one", choices=list(TARGET_MODES))
+    v.add_argument("--target-mode", default="all_to_one", choices=list(TARGET_MODES),
+                   help="--checkpoint: all_to_one (default) or all_to_all (class y to y + 1)")
     v.add_argument("--poisoned-test", default=None, metavar="DIR",
                    help="--checkpoint: triggered test images as DIR/<label>/*, <label> the class the backdoor "
                         "gives them (instead of --attack)")
@@ -257,7 +261,6 @@ def main(argv: list[str] | None = None) -> int:
                         "purify run makes; default best)")
     p.add_argument("--out", default="runs/purify", help="where --save-models writes (default runs/purify)")
     p.add_argument("--cache-dir", default=None, help="victim cache (default: $BACKDOOR_CACHE/victims)")
-    p.add_argument("--device", default="auto")
     p.add_argument("--history", action="store_true", help="include the per-epoch history in the JSON")
     p.add_argument("--precision", default="bf16", choices=list(PRECISIONS),
                    help="the defence's arithmetic on CUDA: bf16 autocast (default) or fp32 (as the NFT and DHBE "
@@ -265,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="stop cleanly before this many seconds (exit 3); victim training, NFT and DHBE checkpoint "
                         "into the cache and the same command continues them (other defences start again)")
+    refuse_renamed(p, argv, "backdoor.purify")
     a = p.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:

@@ -52,7 +52,7 @@ def paper_victim(name: str, **overrides) -> VictimSpec:
     """A copy of the named recipe with `overrides` (any `VictimSpec` field, e.g. `dataset=
     "imagefolder"` for the JPEG copy of CIFAR-10, or a shorter `epochs`)."""
     if name not in PAPER_VICTIMS:
-        raise ValueError(f"victim preset: unknown preset {name!r}; known: {sorted(PAPER_VICTIMS)}")
+        raise ValueError(f"victim recipe: unknown recipe {name!r}; known: {sorted(PAPER_VICTIMS)}")
     fields = {f.name for f in dataclasses.fields(VictimSpec)}
     unknown = sorted(set(overrides) - fields)
     if unknown:

@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 
+from backdoor.cli_args import compile_mode, device_args
+from backdoor.runtime import resolve_device
 from backdoor.attacks import ATTACKS
 from backdoor.data import load_dataset
 from backdoor.recipes import PAPER_VICTIMS, paper_victim, scale_schedule
@@ -31,7 +33,8 @@ LEARNED = 90.0
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/attack_victims.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[device_args(compile_what="victim training", compile_default="none")])
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS), help=f"(default: all of {list(ATTACKS)})")
     p.add_argument("--params", nargs="*", default=[], metavar="NAME=JSON", help="attack_params of one attack")
     p.add_argument("--victim", default="{}", help="JSON of VictimSpec fields for every victim (e.g. poison_rate)")
@@ -39,8 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schedule-scale", type=float, default=1.0, help="shorten the recipe's training by F in (0, 1]")
     p.add_argument("--data-root", default=None, help="CIFAR-10 image folder (train/, test/) for --recipe")
     p.add_argument("--cache-dir", default=None, help="victim cache (default: a fresh temporary directory)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"])
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     a = p.parse_args(argv)
     try:
@@ -83,11 +84,13 @@ def main(argv: list[str] | None = None) -> int:
             if ATTACKS[name].needs_reference:
                 ref = clean_reference(spec)
                 t0 = time.perf_counter()
-                victim = get_or_train(ref, cache, data=data, device=a.device, compile=a.compile, log=log)
+                victim = get_or_train(ref, cache, data=data, device=a.device, compile=compile_mode(a.compile, resolve_device(a.device)),
+                                      log=log)
                 if not any(r["attack"] == "clean" for r in rows):
                     record("clean", ref, time.perf_counter() - t0, victim)
             t0 = time.perf_counter()
-            victim = get_or_train(spec, cache, data=data, device=a.device, compile=a.compile, log=log)
+            victim = get_or_train(spec, cache, data=data, device=a.device, compile=compile_mode(a.compile, resolve_device(a.device)),
+                                      log=log)
             record(name, spec, time.perf_counter() - t0, victim)
         except ValueError as err:
             print(f"{name:8s} error: {err}", flush=True)

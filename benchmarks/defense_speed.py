@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from backdoor.cli_args import device_args
 from backdoor.data import ImageSet
 from backdoor.attacks import BadNets
 from backdoor.defenses import DHBE, NFT, build_defense
@@ -59,7 +60,8 @@ def per_unit(run, short: int, long: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[device_args(compile_what=None)])
     p.add_argument("--model", default="resnet18")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=3)
@@ -79,7 +81,6 @@ def main() -> None:
     p.add_argument("--test-images", type=int, default=10_000, help="test set for FT's final evaluation")
     p.add_argument("--precision", nargs="+", default=["bf16"], choices=list(PRECISIONS),
                    help="time NFT and DHBE at each (bf16 autocast, or fp32 as the reference code; CUDA only differs)")
-    p.add_argument("--device", default="auto")
     a = p.parse_args()
     device = resolve_device(a.device)
     cuda = device.type == "cuda"

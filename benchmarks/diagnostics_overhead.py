@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from backdoor.cli_args import device_args
 from backdoor.purify import run_defense
 from backdoor.victims import VictimSpec, get_or_train
 
@@ -27,11 +28,11 @@ PRESET = Path(__file__).resolve().parents[1] / "study" / "presets" / "quick.yaml
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[device_args(compile_what=None)])
     p.add_argument("--defenses", nargs="+", default=["ft", "dhbe"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--clean-fraction", type=float, default=0.07)
-    p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1, help="torch threads (a study trial uses 1 per CPU it holds)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)

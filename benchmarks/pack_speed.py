@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from backdoor.cli_args import device_args
 from backdoor.models import build_model
 from backdoor.packing import Member, PackedNet, PackedSGD, run_pack
 from backdoor.packing.train import packed_cross_entropy
@@ -116,7 +117,8 @@ def _split(pack: PackedNet) -> bool:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[device_args(compile_what=None)])
     p.add_argument("mode", choices=["trials", "steps"])
     p.add_argument("--defenses", nargs="+", default=["ft", "nft"], choices=sorted(QUICK))
     p.add_argument("--sizes", type=int, nargs="+", default=None,
@@ -128,7 +130,6 @@ def main() -> None:
     p.add_argument("--split", action="store_true", help="steps: per-member convolutions (the CPU default)")
     p.add_argument("--grouped", action="store_true", help="steps: grouped convolutions (the CUDA default)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (a study trial gets 1 per CPU)")
-    p.add_argument("--device", default="auto")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     cuda = resolve_device(a.device).type == "cuda"

@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 
+from backdoor.cli_args import device_args
 from backdoor.defenses import DEFENSES
 from backdoor.purify import run_defense
 from backdoor.victims import VictimSpec, get_or_train
@@ -27,13 +28,13 @@ from search_spaces import config_field
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[device_args(compile_what=None)])
     p.add_argument("--defenses", nargs="+", default=["ft", "nad"], choices=sorted(DEFENSES), metavar="DEFENSE")
     p.add_argument("--axis", default="lr", help="generic axis (lr, lam) or a config field of every defence given")
     p.add_argument("--values", "--lrs", type=float, nargs="+", default=list(np.linspace(0.002, 0.02, 5)))
     p.add_argument("--shots", type=int, nargs="+", default=[2, 10], help="clean images per class (budgets)")
     p.add_argument("--subset-seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
     a = p.parse_args()
     fields = {}
     for name in a.defenses:

@@ -16,6 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from backdoor.cli_args import compile_mode, device_args
 from backdoor.data import Augment, ImageSet, batches
 from backdoor.models import build_model
 from backdoor.runtime import autocast, device_generator, memory_format, prepare_model, resolve_device
@@ -27,7 +28,8 @@ def sync(device: torch.device) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[device_args(compile_what="the training forward", compile_default="none")])
     p.add_argument("--model", default="resnet18")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=3)
@@ -36,10 +38,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast (CUDA)")
     p.add_argument("--static", action="store_true", help="reuse one prepared batch: model step alone, no data pipeline")
-    p.add_argument("--compile", default=None, help="torch.compile mode for the training forward")
-    p.add_argument("--device", default="auto")
     a = p.parse_args()
     device = resolve_device(a.device)
+    a.compile = compile_mode(a.compile, device)
     cuda = device.type == "cuda"
     bs = a.batch_size or (512 if cuda else 128)
     steps = a.steps or (100 if cuda else 5)

@@ -1,9 +1,9 @@
 """Victim training speed end to end: the papers' recipe loop (`train_classifier`: device-resident
 uint8 images, batched crop + flip, SGD with the multistep schedule, bf16 autocast + channels_last
-on CUDA), per `--compile` mode, compile time included, in images/s.
+on CUDA), per `--compile-modes` mode, compile time included, in images/s.
 
     python benchmarks/victim_speed.py                                   # ResNet-18, 47,500 images, 3 epochs
-    python benchmarks/victim_speed.py --compile none default reduce-overhead --epochs 4
+    python benchmarks/victim_speed.py --compile-modes none default reduce-overhead --epochs 4
     python benchmarks/victim_speed.py --model small_cnn --channels 1 --image-size 16 --images 2000   # CPU check
 
 Prints, per mode: the first epoch (with compilation), the mean of the others, images/s over the
@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from backdoor.cli_args import device_args
 from backdoor.data import Augment, ImageSet
 from backdoor.models import build_model
 from backdoor.runtime import prepare_model, resolve_device
@@ -27,22 +28,22 @@ PAPER_EPOCHS = 200
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[device_args(compile_what=None)])
     p.add_argument("--model", default="resnet18")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=3)
     p.add_argument("--images", type=int, default=47_500, help="training images (the recipes train on 47,500)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--epochs", type=int, default=3, help="epochs per mode (>= 2: the first includes compilation)")
-    p.add_argument("--compile", nargs="+", default=None, choices=["none", "default", "reduce-overhead",
+    p.add_argument("--compile-modes", nargs="+", default=None, choices=["none", "default", "reduce-overhead",
                                                                    "max-autotune"],
                    help="modes to time (default: none and reduce-overhead on CUDA, none on the CPU)")
-    p.add_argument("--device", default="auto")
     a = p.parse_args()
     if a.epochs < 2:
         p.error("--epochs: at least 2 (the first epoch includes compilation)")
     device = resolve_device(a.device)
-    modes = a.compile or (["none", "reduce-overhead"] if device.type == "cuda" else ["none"])
+    modes = a.compile_modes or (["none", "reduce-overhead"] if device.type == "cuda" else ["none"])
     g = torch.Generator().manual_seed(0)
     shape = (a.channels, a.image_size, a.image_size)
     data = ImageSet(torch.randint(0, 256, (a.images, *shape), dtype=torch.uint8, generator=g),

@@ -28,9 +28,11 @@ from typing import Any
 
 import yaml
 
+from backdoor.cli_args import refuse_renamed
 from backdoor.defenses import DEFENSES
 from search_spaces import config_field
 
+from .cli_args import add_study_source, location_args
 from .options import RunOptions
 from .spec import SpecError, load_spec, output_dir, parse_spec
 from .tolerances import MARGIN, measure_spread, tolerances_from, trial_spread
@@ -157,10 +159,9 @@ def _trial_delta(base: dict, now: dict) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m study.regression", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, parents=[location_args("runs/regression-<name>-<time>")])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", default=None, help="a preset in study/presets (default: quick)")
-    src.add_argument("--config", default=None, help="a study spec YAML file")
+    add_study_source(src)
     p.add_argument("--baseline", default=None, help="baseline JSON (default for a preset: study/baselines/NAME.json)")
     p.add_argument("--update-baseline", action="store_true", help="run, then write the baseline from this run")
     p.add_argument("--set", action="append", default=[], metavar="DEFENCE.FIELD=VALUE",
@@ -170,12 +171,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "thread count, CPU or torch build; each defence's tolerances become twice the largest "
                         "delta between those runs and this one (never below the defaults)")
     p.add_argument("--spread-note", default="", help="where the --spread runs come from (written in the baseline)")
-    p.add_argument("--out", default=None, help="output directory (default: runs/regression-<name>-<time>)")
-    p.add_argument("--mlflow-uri", default=None, help="as in study.sensitivity")
-    p.add_argument("--address", default=None, help="Ray cluster address, as in study.sensitivity")
-    p.add_argument("--data-root", default=None, help="dataset directory, as in study.sensitivity")
-    p.add_argument("--cache-dir", default=None, help="victim cache, as in study.sensitivity")
-    p.add_argument("--storage-path", default=None, help="Tune's trial files on a cluster, as in study.sensitivity")
+    refuse_renamed(p, argv, "study.regression")
     return p.parse_args(argv)
 
 
@@ -183,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     log = lambda m: print(m, flush=True)  # noqa: E731
     try:
-        spec = load_spec(a.preset if a.preset or a.config else "quick", a.config)
+        spec = load_spec(a.study_preset if a.study_preset or a.config else "quick", a.config)
         pinned = spec_hash(spec.raw)
         baseline_path = Path(a.baseline) if a.baseline else (BASELINES / f"{spec.name}.json" if not a.config else None)
         if baseline_path is None:

@@ -2,7 +2,7 @@
 on Ray Tune -> results.csv + MLflow (one parent run, one child run per trial).
 
     python -m study.sensitivity                          # the quick preset: digits, offline, minutes on a CPU
-    python -m study.sensitivity --preset paper-cifar10 --data-root /data/cifar10 --address auto
+    python -m study.sensitivity --study-preset paper-cifar10 --data-root /data/cifar10 --address auto
     python -m study.sensitivity --config my_study.yaml --dry-run
     python -m study.sensitivity --resume runs/quick-20261125-101500   # finish a killed study
     python -m study.sensitivity --search optuna --num-samples 20      # mean ACC up, worst-seed ASR down
@@ -23,32 +23,21 @@ from pathlib import Path
 
 import yaml
 
+from backdoor.cli_args import refuse_renamed
 from backdoor.weak_victim import check_threshold, victim_warning
 
+from .cli_args import DEFAULT_MLFLOW_URI, add_study_source, location_args
 from .options import RunOptions
 from .spec import SpecError, StudySpec, count_summary, expand_trials, load_spec, output_dir, parse_spec, read_yaml
 from .tracking import read_results
 from .trial import Trial
 
-DEFAULT_MLFLOW_URI = "sqlite:///mlflow.db"
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m study.sensitivity", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, parents=[location_args()])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", default=None, help="a preset in study/presets (default: quick)")
-    src.add_argument("--config", default=None, help="a study spec YAML file")
+    add_study_source(src)
     src.add_argument("--resume", default=None, metavar="DIR", help="finish the study in DIR (its study.yaml)")
-    p.add_argument("--out", default=None, help="output directory (default: runs/<name>-<time>)")
-    p.add_argument("--mlflow-uri", default=None, help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
-                   f"else {DEFAULT_MLFLOW_URI} here)")
-    p.add_argument("--address", default=None, help="Ray cluster address ('auto' on a cluster; default: local Ray)")
-    p.add_argument("--data-root", default=None, help="dataset directory for non-built-in datasets")
-    p.add_argument("--cache-dir", default=None, help="victim cache (default: $BACKDOOR_CACHE/victims); on a "
-                   "cluster a shared path (NFS) so every node reuses trained victims")
-    p.add_argument("--storage-path", default=None, help="Tune's trial files: a shared path or URI (s3://bucket/"
-                   "prefix) on a cluster (default: OUT/ray)")
     p.add_argument("--dry-run", action="store_true", help="print the trial grid and its size, run nothing")
     p.add_argument("--search", choices=["grid", "optuna"], default="grid",
                    help="grid: every trial of the spec; optuna: a multi-objective search (mean ACC, worst ASR over "
@@ -69,6 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="keep purified models as safetensors + JSON in OUT/models and as MLflow artifacts of their "
                         "trial's run: all of them, or only the defender's picks (best: chosen from clean accuracy, "
                         "never from test ASR; see the report). Packed trials then run unpacked")
+    refuse_renamed(p, argv, "study.sensitivity")
     return p.parse_args(argv)
 
 
@@ -198,7 +188,7 @@ def _setup(a: argparse.Namespace) -> tuple[StudySpec, Path, dict]:
         if state.get("search") and state["search"] != a.search:
             raise SpecError(f"--search: the study in {out} ran a {state['search']} search")
     else:
-        spec = load_spec(a.preset, a.config)
+        spec = load_spec(a.study_preset, a.config)
         out = output_dir(Path(a.out) if a.out else Path("runs") / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         if (out / "results.csv").exists():
             raise SpecError(f"--out: {str(out)!r} already holds a study; use --resume {out} or another --out")

@@ -383,7 +383,7 @@ def _parse_defense(d: Any, where: str, n_victims: int) -> DefenseSpec:
 def load_spec(preset: str | None = None, config: str | Path | None = None) -> StudySpec:
     """Read a preset by name (`study/presets/NAME.yaml`) or a YAML file, and validate it."""
     if preset is not None and config is not None:
-        raise SpecError("--preset / --config: give one of them, not both")
+        raise SpecError("--study-preset / --config: give one of them, not both")
     if config is not None:
         path = Path(config)
         if not path.is_file():
@@ -392,8 +392,8 @@ def load_spec(preset: str | None = None, config: str | Path | None = None) -> St
         path = PRESETS / f"{preset or 'quick'}.yaml"
         if not path.is_file():
             known = sorted(p.stem for p in PRESETS.glob("*.yaml"))
-            raise SpecError(f"--preset: unknown preset {preset!r}; known: {known}")
-    return parse_spec(read_yaml(path, "--config" if config is not None else "--preset"), str(path))
+            raise SpecError(f"--study-preset: unknown preset {preset!r}; known: {known}")
+    return parse_spec(read_yaml(path, "--config" if config is not None else "--study-preset"), str(path))
 
 
 def read_yaml(path: Path, flag: str) -> Any:

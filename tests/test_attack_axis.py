@@ -245,7 +245,7 @@ def test_attacks_digits_preset():
 
 def test_paper_attacks_dry_run_counts_every_attack_x_defence(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["--preset", "paper-attacks", "--dry-run"]) == 0   # no --data-root: a dry run needs no data
+    assert main(["--study-preset", "paper-attacks", "--dry-run"]) == 0   # no --data-root: a dry run needs no data
     out = capsys.readouterr().out
     assert not any(tmp_path.iterdir())
     spec = load_spec("paper-attacks")

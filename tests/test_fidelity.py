@@ -25,7 +25,7 @@ def tiny(tmp_path_factory):
     in a process where Ray, MLflow and Optuna cannot be imported."""
     d = tmp_path_factory.mktemp("fidelity")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "BACKDOOR_CACHE": str(d / "cache")}
-    proc = subprocess.run([sys.executable, "-c", BLOCK, "--preset", "tiny", "--schedule-scale", "0.5", "--out",
+    proc = subprocess.run([sys.executable, "-c", BLOCK, "--table", "tiny", "--schedule-scale", "0.5", "--out",
                            str(d / "fid"), "--mlflow-uri", f"sqlite:///{d / 'm.db'}"],
                           cwd=d, env=env, capture_output=True, text=True, timeout=300)
     return d, proc
@@ -75,7 +75,7 @@ def test_resume_skips_recorded_rows_and_reruns_failed_ones(tiny, tmp_path, capsy
         return real(victim, defense, *a, **k)
     monkeypatch.setattr(run, "run_defense", flaky)
     capsys.readouterr()
-    assert main(["--preset", "tiny", "--schedule-scale", "0.5", "--rows", "ft-badnets-3x3,nft-badnets", "--out", out]) == 1
+    assert main(["--table", "tiny", "--schedule-scale", "0.5", "--rows", "ft-badnets-3x3,nft-badnets", "--out", out]) == 1
     log = capsys.readouterr().out
     assert "row ft-badnets-3x3: already in" in log and "row nft-badnets: FAILED" in log
     state = json.loads(path.read_text())
@@ -85,7 +85,7 @@ def test_resume_skips_recorded_rows_and_reruns_failed_ones(tiny, tmp_path, capsy
 
     monkeypatch.setattr(run, "run_defense", real)
     uri = mlflow_store()
-    assert main(["--preset", "tiny", "--schedule-scale", "0.5", "--rows", "nft-badnets", "ft-badnets-3x3", "--out", out,
+    assert main(["--table", "tiny", "--schedule-scale", "0.5", "--rows", "nft-badnets", "ft-badnets-3x3", "--out", out,
                  "--mlflow-uri", uri]) == 0
     state = json.loads(path.read_text())
     assert state["rows"]["ft-badnets-3x3"] == first and "nft-badnets" in state["rows"] and not state["failed"]
@@ -106,12 +106,12 @@ def test_derived_row_brings_the_rows_it_reads():
 
 
 @pytest.mark.parametrize("args, flag", [
-    (["--preset", "tiny", "--rows", "nft-badnets,dhbe-badnets-4x4"], "--rows: unknown row 'dhbe-badnets-4x4'"),
+    (["--table", "tiny", "--rows", "nft-badnets,dhbe-badnets-4x4"], "--rows: unknown row 'dhbe-badnets-4x4'"),
     (["--rows", "ft-badnets-3x3"], "--data-root: the paper preset needs CIFAR-10"),
     (["--data-root", "/no/such/dir"], "--data-root: '/no/such/dir' does not exist"),
-    (["--preset", "tiny", "--schedule-scale", "1.5"], "--schedule-scale: must be in (0, 1]"),
-    (["--preset", "tiny", "--schedule-scale", "0"], "--schedule-scale: must be in (0, 1]"),
-    (["--preset", "tiny", "--time-limit", "0"], "--time-limit: must be > 0 seconds"),
+    (["--table", "tiny", "--schedule-scale", "1.5"], "--schedule-scale: must be in (0, 1]"),
+    (["--table", "tiny", "--schedule-scale", "0"], "--schedule-scale: must be in (0, 1]"),
+    (["--table", "tiny", "--time-limit", "0"], "--time-limit: must be > 0 seconds"),
     (["--report", "/no/such/dir"], "--report: '/no/such/dir' is not a directory"),
 ])
 def test_bad_input_is_exit_2_naming_the_flag(args, flag, tmp_path, capsys):
@@ -128,10 +128,10 @@ def test_data_root_without_cifar_layout_and_out_of_another_scale_are_refused(tmp
     out.mkdir()
     (out / "fidelity.json").write_text(json.dumps({"preset": "tiny", "schedule_scale": 0.5, "dataset": "digits",
                                                    "nft_model": None, "rows": {"x": {}}}))
-    assert main(["--preset", "tiny", "--out", str(out)]) == 2
+    assert main(["--table", "tiny", "--out", str(out)]) == 2
     assert "--out: " in capsys.readouterr().err and json.loads((out / "fidelity.json").read_text())["rows"] == {"x": {}}
     (out / "fidelity.json").write_text("not json")
-    assert main(["--preset", "tiny", "--out", str(out)]) == 2
+    assert main(["--table", "tiny", "--out", str(out)]) == 2
     assert "is not a readable fidelity.json" in capsys.readouterr().err
 
 
@@ -167,6 +167,6 @@ def test_schedule_scale_shortens_every_schedule():
 def test_an_out_that_is_a_file_or_under_one_is_refused(tmp_path, capsys):
     (tmp_path / "taken").write_text("a file")
     for out in (tmp_path / "taken", tmp_path / "taken" / "sub"):
-        assert main(["--preset", "tiny", "--rows", "nft-badnets", "--out", str(out)]) == 2
+        assert main(["--table", "tiny", "--rows", "nft-badnets", "--out", str(out)]) == 2
         assert f"--out: {str(out)!r}" in capsys.readouterr().err
     assert (tmp_path / "taken").read_text() == "a file"

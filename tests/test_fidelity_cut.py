@@ -18,7 +18,7 @@ from helpers import StopAfter
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("seconds", "wall_seconds", "work_seconds", "finished", "commit")
-ARGS = ["--preset", "tiny", "--rows", "dhbe-badnets-3x3", "nft-badnets"]
+ARGS = ["--table", "tiny", "--rows", "dhbe-badnets-3x3", "nft-badnets"]
 
 
 def _comparable(rec: dict) -> dict:
@@ -65,10 +65,10 @@ def test_a_checkpoint_of_another_precision_is_set_aside(tmp_path, capsys):
     assert run_fidelity(settings, log=lambda m: None, deadline=StopAfter(5)) == 3  # 4 victim epochs, 1 NFT round
     (ckpt,) = (tmp_path / "c" / "checkpoints").glob("fidelity-nft-badnets-*.pt")
     with pytest.warns(UserWarning, match="not used: made for another configuration .*precision: saved fp32 vs now bf16"):
-        assert main(["--preset", "tiny", "--rows", "nft-badnets", "--precision", "bf16", "--out", str(tmp_path / "b"),
+        assert main(["--table", "tiny", "--rows", "nft-badnets", "--precision", "bf16", "--out", str(tmp_path / "b"),
                      "--cache-dir", str(tmp_path / "c")]) == 0
     assert list(ckpt.parent.glob(ckpt.name + ".rejected-*"))
-    assert main(["--preset", "tiny", "--rows", "nft-badnets", "--out", str(tmp_path / "b"),
+    assert main(["--table", "tiny", "--rows", "nft-badnets", "--out", str(tmp_path / "b"),
                  "--cache-dir", str(tmp_path / "c")]) == 2  # another precision into the same --out: refused
     assert "--out:" in capsys.readouterr().err
 
@@ -77,7 +77,7 @@ def test_an_out_written_before_precision_existed_counts_as_bf16(tmp_path, capsys
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "fidelity.json").write_text(json.dumps({"preset": "tiny", "schedule_scale": 1.0, "dataset": "digits",
                                                               "nft_model": None, "rows": {}}))
-    assert main(["--preset", "tiny", "--rows", "nft-badnets", "--out", str(tmp_path / "o")]) == 2
+    assert main(["--table", "tiny", "--rows", "nft-badnets", "--out", str(tmp_path / "o")]) == 2
     assert "precision 'bf16', this run has 'fp32'" in capsys.readouterr().err
 
 

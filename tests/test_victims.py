@@ -205,17 +205,17 @@ def test_paper_recipes_follow_the_papers_protocols():
     short = scale_schedule(paper_victim("nft-blend", dataset="imagefolder"), 0.1)
     assert (short.dataset, short.epochs, short.milestones) == ("imagefolder", 20, [10, 15])
     assert PAPER_VICTIMS["nft-blend"].dataset == "cifar10" and PAPER_VICTIMS["nft-blend"].epochs == 200  # not mutated
-    with pytest.raises(ValueError, match="victim preset: unknown preset"):
+    with pytest.raises(ValueError, match="victim recipe: unknown recipe"):
         paper_victim("dhbe-badnets-4x4")
     with pytest.raises(ValueError, match="schedule_scale"):
         scale_schedule(dhbe, 0)
 
 
 def test_victims_cli_preset_with_overrides(tmp_path, capsys):
-    rc = victims.cli.main(["--preset", "dhbe-badnets-3x3", "--dataset", "digits", "--model", "small_cnn", "--epochs", "1",
+    rc = victims.cli.main(["--recipe", "dhbe-badnets-3x3", "--dataset", "digits", "--model", "small_cnn", "--epochs", "1",
                        "--pool-fraction", "0.15", "--poison-count", "50", "--cache-dir", str(tmp_path), "--device", "cpu"])
     assert rc == 0
     meta = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert meta["spec"]["target"] == 9 and meta["spec"]["poison_count"] == 50 and meta["poisoned_images"] == 50
     assert meta["spec"]["attack_params"] == {"trigger_size": 3, "first_cell": 0} and meta["spec"]["nesterov"] is False
-    assert victims.cli.main(["--preset", "nope"]) == 2 and "unknown preset 'nope'" in capsys.readouterr().err
+    assert victims.cli.main(["--recipe", "nope"]) == 2 and "unknown recipe 'nope'" in capsys.readouterr().err

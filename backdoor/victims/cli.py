@@ -14,18 +14,21 @@ from ..data import DATASETS
 from ..models import MODELS
 from ..train import SCHEDULES
 from ..weak_victim import MIN_VICTIM_ASR, check_threshold, victim_warning
-from ..recipes import paper_victim
+from ..cli_args import compile_mode, device_args, refuse_renamed
+from ..recipes import PAPER_VICTIMS, paper_victim
+from ..runtime import resolve_device
 from .spec import VictimSpec
 from .training import get_or_train
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: train (or load) one victim and print its metrics as JSON. `--preset` starts from
+    """CLI: train (or load) one victim and print its metrics as JSON. `--recipe` starts from
     one of the papers' recipes (`backdoor.recipes`); any other flag given overrides it."""
     d = VictimSpec()
-    p = argparse.ArgumentParser(prog="python -m backdoor.victims", description=main.__doc__)
-    p.add_argument("--preset", default=None, help="a paper's victim recipe: dhbe-badnets-3x3, dhbe-badnets-2x2, "
-                   "dhbe-badnets-5x5, nft-badnets, nft-blend (see backdoor/recipes.py)")
+    p = argparse.ArgumentParser(prog="python -m backdoor.victims", description=main.__doc__,
+                                parents=[device_args(compile_what="the training forward")])
+    p.add_argument("--recipe", default=None, metavar="NAME",
+                   help=f"a paper's victim recipe: {', '.join(sorted(PAPER_VICTIMS))}; flags given override its fields")
     p.add_argument("--dataset", default=None, help=f"one of {sorted(DATASETS)} (default {d.dataset})")
     p.add_argument("--data-root", default=None, help="dataset directory (image folder root for 'imagefolder')")
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
@@ -49,18 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schedule", default=None, choices=list(SCHEDULES), help=f"(default {d.schedule})")
     p.add_argument("--milestones", type=int, nargs="+", default=None, help="multistep: epochs where the lr drops x0.1")
     p.add_argument("--label-smoothing", type=float, default=None, help=f"(default {d.label_smoothing})")
-    p.add_argument("--seed", type=int, default=None, help=f"(default {d.seed})")
+    p.add_argument("--train-seed", dest="seed", type=int, default=None,
+                   help=f"the victim's training seed (weights, poison choice; default {d.seed})")
     p.add_argument("--pool-fraction", type=float, default=None, help="defender pool held out of training")
-    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None, help="resize images to this side (default: the dataset's)")
     p.add_argument("--cache-dir", default=None, help="victim cache (default: $BACKDOOR_CACHE/victims)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
-                   help="torch.compile the training forward (CUDA only)")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="stop cleanly before this many seconds (exit 3), checkpointing into the cache; the same "
                         "command continues")
     p.add_argument("--min-victim-asr", type=float, default=MIN_VICTIM_ASR, metavar="PCT",
                    help=f"warn when the victim's ASR is below PCT: its backdoor did not take (default {MIN_VICTIM_ASR:g})")
+    refuse_renamed(p, argv, "backdoor.victims")
     a = p.parse_args(argv)
     given = {k: v for k, v in vars(a).items() if v is not None and k in {f.name for f in dataclasses.fields(VictimSpec)}}
     try:
@@ -69,14 +71,14 @@ def main(argv: list[str] | None = None) -> int:
                 given["attack_params"] = json.loads(a.attack_params)
             except json.JSONDecodeError as err:
                 raise ValueError(f"--attack-params: not valid JSON ({err})") from err
-        if a.preset is not None:
-            spec = paper_victim(a.preset, **given)
+        if a.recipe is not None:
+            spec = paper_victim(a.recipe, **given)
         else:
             spec = VictimSpec.from_dict({**d.to_dict(), **given})
         deadline = Deadline(a.time_limit) if a.time_limit is not None else None
         t0 = time.perf_counter()
         victim = get_or_train(spec, a.cache_dir, data_root=a.data_root, download=a.download, device=a.device,
-                              compile=a.compile, log=lambda m: print(m, file=sys.stderr, flush=True),
+                              compile=compile_mode(a.compile, resolve_device(a.device)), log=lambda m: print(m, file=sys.stderr, flush=True),
                               deadline=deadline)
         wall = time.perf_counter() - t0
         warning = victim_warning(spec.to_dict(), victim.metrics, check_threshold(a.min_victim_asr, "--min-victim-asr"))

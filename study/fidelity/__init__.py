@@ -4,7 +4,7 @@ implementations reproduce them.
 
     python -m study.fidelity --data-root /data/cifar10              # every row, on CIFAR-10 (GPU)
     python -m study.fidelity --data-root /data/cifar10 --rows dhbe-badnets-3x3 nft-badnets
-    python -m study.fidelity --preset tiny                           # digits, seconds: the mechanics only
+    python -m study.fidelity --table tiny                            # digits, seconds: the mechanics only
 
 - `rows`: the table as data (paper numbers, victim recipe, defence protocol) and the presets.
 - `verdict`: the verdict rule and `fidelity.md`.

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from backdoor.cli_args import device_args, refuse_renamed
 from backdoor.runtime import PRECISIONS
 
 from . import PRESETS, ROWS, Settings, run_fidelity
@@ -27,9 +28,10 @@ row is also written to OUT/rows/ROW.json: copy those into docs/fidelity/ and run
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m study.fidelity", description=__doc__.split("\n")[0] + " Re-measures "
                                 "the NFT / DHBE papers' headline rows and gives a verdict per row.",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
-                   help="; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[device_args(compile_what="victim training")])
+    p.add_argument("--table", default="paper", choices=sorted(PRESETS),
+                   help="which table: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()) + " (default paper)")
     p.add_argument("--rows", nargs="+", default=None, metavar="ROW",
                    help="rows to run (default: all; a derived row brings the rows it reads); comma lists work too")
     p.add_argument("--data-root", default=None, help="CIFAR-10: an image folder (train/, test/) or torchvision's copy")
@@ -37,14 +39,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="how --data-root is read (default: from its layout)")
     p.add_argument("--out", default=None, help="output directory (default: runs/fidelity[-tiny][-xSCALE])")
     p.add_argument("--cache-dir", default=None, help="victim cache (default: $BACKDOOR_CACHE/victims)")
-    p.add_argument("--device", default="auto")
     p.add_argument("--schedule-scale", type=float, default=1.0, metavar="F",
                    help="multiply every schedule (victim epochs, DHBE epochs, NFT steps, FT epochs) by F in (0, 1] "
                         "for a first look; recorded beside every row")
     p.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="evaluate every N epochs / rounds (default: about 10 times per defence, always the last)")
-    p.add_argument("--compile", default="auto", choices=["auto", "none", "default", "reduce-overhead"],
-                   help="torch.compile mode for victim training (auto: reduce-overhead on CUDA, none on CPU)")
     p.add_argument("--nft-model", default=None, choices=["resnet18", "preact_resnet18"],
                    help="network of the NFT rows' victims (default resnet18, as NFT's reference code)")
     p.add_argument("--mlflow-uri", default=None, help="also log each row as an MLflow run (if MLflow is installed)")
@@ -57,6 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="run nothing: regenerate DIR/README.md from the full-scale row files DIR/*.json")
     p.add_argument("--force", action="store_true", help="run the selected rows even if already recorded")
     p.add_argument("--dry-run", action="store_true", help="print what each row would run; run nothing")
+    refuse_renamed(p, argv, "study.fidelity")
     return p.parse_args(argv)
 
 
@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     names = [n for item in a.rows for n in item.split(",") if n] if a.rows else None
     scale_tag = "" if a.schedule_scale == 1 else f"-x{a.schedule_scale:g}"
-    out = Path(a.out) if a.out else Path("runs") / f"fidelity{'-tiny' if a.preset == 'tiny' else ''}{scale_tag}"
-    settings = Settings(preset=a.preset, rows=names, data_root=a.data_root, dataset=a.dataset, out=out,
+    out = Path(a.out) if a.out else Path("runs") / f"fidelity{'-tiny' if a.table == 'tiny' else ''}{scale_tag}"
+    settings = Settings(preset=a.table, rows=names, data_root=a.data_root, dataset=a.dataset, out=out,
                         cache_dir=a.cache_dir, device=a.device, schedule_scale=a.schedule_scale,
-                        eval_every=a.eval_every, compile=None if a.compile == "none" else a.compile,
+                        eval_every=a.eval_every, compile=a.compile,
                         nft_model=a.nft_model, mlflow_uri=a.mlflow_uri, force=a.force, time_limit=a.time_limit,
                         precision=a.precision)
     log = lambda m: print(m, flush=True)  # noqa: E731
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 def dry_run(settings: Settings, log) -> int:
     """What each selected row would run (victim spec, defence config, clean data), nothing more."""
     rows, dataset, data_text = check_settings(settings)
-    log(f"fidelity (dry run): preset {settings.preset}, {data_text}, schedule scale {settings.schedule_scale:g}")
+    log(f"fidelity (dry run): table {settings.preset}, {data_text}, schedule scale {settings.schedule_scale:g}")
     for row in rows:
         if row.defense is None:
             log(f"  {row.id}: derived from {', '.join(row.derived_from)}")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from backdoor.cli_args import compile_mode
 from backdoor.checkpoint import EXIT_INCOMPLETE, INCOMPLETE_MESSAGE, Checkpoint, Deadline, Incomplete
 from backdoor.data import default_cache_dir, load_dataset
 from backdoor.metrics import METRICS
@@ -172,7 +173,7 @@ def check_settings(settings: Settings) -> tuple[list[Row], str, str]:
     `FidelityError` / `ValueError` naming the flag, before anything is written."""
     rows = select_rows(settings.rows)
     if settings.preset not in PRESETS:
-        raise FidelityError(f"--preset: unknown preset {settings.preset!r}; known: {sorted(PRESETS)}")
+        raise FidelityError(f"--table: unknown table {settings.preset!r}; known: {sorted(PRESETS)}")
     if not 0 < settings.schedule_scale <= 1:
         raise FidelityError(f"--schedule-scale: must be in (0, 1], got {settings.schedule_scale}")
     if settings.eval_every < 0:
@@ -199,10 +200,7 @@ def run_fidelity(settings: Settings, log=print, deadline: Deadline | None = None
     state.update(header)
     out.mkdir(parents=True, exist_ok=True)
     tracker = _MLflow(settings.mlflow_uri, log)
-    compile_mode = settings.compile
-    if compile_mode == "auto":
-        compile_mode = "reduce-overhead" if device.type == "cuda" else None
-    context = _Context(settings, dataset, device, compile_mode, deadline, log)
+    context = _Context(settings, dataset, device, compile_mode(settings.compile, device), deadline, log)
     failed = 0
     log(f"fidelity: preset {settings.preset}, {data_text}, device {_device_name(device)}, schedule scale "
         f"{settings.schedule_scale:g}, precision {settings.precision}, {len(rows)} row(s) -> {out}"
