@@ -20,8 +20,10 @@ from .measures import attack_column, attacks  # noqa: E402
 from .table import swept_axes  # noqa: E402
 
 DPI = 110
-LABELS = {"lr": "learning rate", "lam": "lambda (regulariser weight)", "generator_size": "trigger-generator size (px)",
-          "trigger_size": "trigger size (px)", "budget_value": "clean-data budget (fraction of training set)"}
+LABELS = {"lr": "learning rate", "lam": "lambda (regulariser weight)", "threshold": "mask-pruning threshold",
+          "margin": "CLP margin u (standard deviations)", "radius": "radius (SAM rho / perturbation norm bound)",
+          "generator_size": "trigger-generator size (px)", "trigger_size": "trigger size (px)",
+          "budget_value": "clean-data budget (fraction of training set)"}
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.grid": True, "grid.alpha": 0.3})
 
 

@@ -71,7 +71,8 @@ def _row(defense: str, acc: float, asr: float, *, rng, lr: float, clean_fraction
     patch = attack in PATCH_ATTACKS
     return {"trial_id": "", "defense": defense,
             "victim_id": f"synthetic-resnet18-{attack.replace(' ', '_')}-t{trigger_size}",
-            "attack": attack, "trigger_size": trigger_size, "lr": lr, "lam": "",
+            "attack": attack, "trigger_size": trigger_size, "lr": lr,
+            "lam": "", "threshold": "", "margin": "", "radius": "",
             "clean_fraction": "" if clean_fraction is None else clean_fraction,
             "generator_size": "" if generator_size is None else generator_size, "subset_seed": subset_seed,
             "acc": acc, "asr": asr, "acc_drop": ACC_BEFORE - acc, "status": "finished", "mlflow_run_id": "",

@@ -24,7 +24,7 @@ NOT_AXES = {"trial_id", "defense", "victim_id", "attack", "status", "mlflow_run_
             "clean_fraction", "shots", "clean_images", "seconds", "trial_seconds", "budget", "budget_value",
             "node_id", "node_ip", "retries", "pack_size", "point_id", "started_at", "ended_at", "experiment",
             *NUMERIC}
-KNOWN_AXES = ("lr", "lam", "generator_size", "trigger_size")
+KNOWN_AXES = ("lr", "lam", "threshold", "margin", "radius", "generator_size", "trigger_size")
 DATA_FREE = "data-free"
 
 

@@ -2,11 +2,11 @@
 
     python benchmarks/tradeoff.py                                    # FT and NAD over 5 lrs, 2 budgets
     python benchmarks/tradeoff.py --defenses ft fp --values 0.002 0.02 0.1 --shots 2 10
-    python benchmarks/tradeoff.py --axis lam --defenses clp --values 0 0.5 1 2 3      # CLP's u
-    python benchmarks/tradeoff.py --axis lam --defenses rnp --values 0.1 0.2 0.4 0.6 0.8 --shots 2
+    python benchmarks/tradeoff.py --axis margin --defenses clp --values 0 0.5 1 2 3   # CLP's u
+    python benchmarks/tradeoff.py --axis threshold --defenses rnp --values 0.1 0.2 0.4 0.6 0.8 --shots 2
 
 Purifies the default digits BadNets victim (trained once, cached) with each defence at its
-defaults except the swept knob (`--axis`: a generic axis, `lr` or `lam`, mapped to each
+defaults except the swept knob (`--axis`: a generic axis, e.g. `lr` or `radius`, mapped to each
 defence's field as in a study spec, or a config field by name), at each clean budget (images
 per class, drawn from the defender pool; a data-free defence runs once), and prints one table
 row per run: ACC and ASR after purification, and wall time. A quick look before a study
@@ -31,7 +31,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 parents=[device_args(compile_what=None)])
     p.add_argument("--defenses", nargs="+", default=["ft", "nad"], choices=sorted(DEFENSES), metavar="DEFENSE")
-    p.add_argument("--axis", default="lr", help="generic axis (lr, lam) or a config field of every defence given")
+    p.add_argument("--axis", default="lr",
+                   help="generic axis (lr, lam, threshold, margin, radius, generator_size) or a config field of "
+                        "every defence given")
     p.add_argument("--values", "--lrs", type=float, nargs="+", default=list(np.linspace(0.002, 0.02, 5)))
     p.add_argument("--shots", type=int, nargs="+", default=[2, 10], help="clean images per class (budgets)")
     p.add_argument("--subset-seed", type=int, default=0)

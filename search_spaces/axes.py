@@ -8,13 +8,15 @@ An axis is written in a spec as one of
     {log: [0.0005, 0.05, 5]}              5 log-spaced values, ends included
 with `int: true` to round to integers (e.g. trigger-generator size).
 
-Generic axis names mean the same knob in every defence (`GENERIC_AXES`): `lr` is each
-defence's main learning rate (ANP's mask lr, I-BAU's outer Adam lr, RNP's unlearning lr; CLP
-has none), `lam` its regulariser weight or strength knob (NFT eta, DHBE lam, NAD beta scale,
-ANP alpha, NC initial cost, CLP u, I-BAU's perturbation bound, FT-SAM rho, RNP's pruning
-threshold), `generator_size` DHBE's trigger-generator size. Any other
-axis name must be a config field of the defence. `clean_fraction`, `shots` and
-`subset_seed` are the study's own axes (the clean budget), not defence fields.
+Generic axis names mean the same kind of knob in every defence (`GENERIC_AXES`): `lr` is
+each defence's main learning rate (ANP's mask lr, I-BAU's outer Adam lr, RNP's unlearning lr;
+CLP has none), `lam` its regulariser weight (NFT eta, DHBE lam, NAD beta scale, ANP alpha, NC
+initial cost), `threshold` a mask-pruning threshold (RNP, ANP), `margin` CLP's u, `radius` a
+norm-ball radius (FT-SAM rho, I-BAU's perturbation bound), `generator_size` DHBE's
+trigger-generator size. `lam` for a defence whose knob is not a weight is refused with the
+axis to use (`RENAMED`). Any other axis name must be a config field of the defence (`u`,
+`rho`, ... by name). `clean_fraction`, `shots` and `subset_seed` are the study's own axes (the
+clean budget), not defence fields.
 """
 from __future__ import annotations
 
@@ -25,11 +27,20 @@ from typing import Any
 GENERIC_AXES: dict[str, dict[str, str]] = {
     "lr": {"nft": "lr", "dhbe": "lr", "ft": "lr", "fp": "lr", "nad": "lr", "anp": "mask_lr", "nc": "lr",
            "ibau": "lr", "ftsam": "lr", "rnp": "unlearn_lr"},
-    "lam": {"nft": "eta", "dhbe": "lam", "nad": "beta_scale", "anp": "alpha", "nc": "init_cost",
-            "clp": "u", "ibau": "pert_bound", "ftsam": "rho", "rnp": "threshold"},
+    "lam": {"nft": "eta", "dhbe": "lam", "nad": "beta_scale", "anp": "alpha", "nc": "init_cost"},
+    "threshold": {"rnp": "threshold", "anp": "threshold"},
+    "margin": {"clp": "u"},
+    "radius": {"ftsam": "rho", "ibau": "pert_bound"},
     "generator_size": {"dhbe": "generator_size"},
 }
 BUDGET_AXES = ("clean_fraction", "shots", "subset_seed")
+# (axis, defence) -> (the axis to use, what the knob is): spellings refused with a hint
+RENAMED: dict[tuple[str, str], tuple[str, str]] = {
+    ("lam", "clp"): ("margin", "CLP's u is a margin"),
+    ("lam", "rnp"): ("threshold", "RNP's threshold is a pruning threshold"),
+    ("lam", "ftsam"): ("radius", "FT-SAM's rho is the SAM neighbourhood radius"),
+    ("lam", "ibau"): ("radius", "I-BAU's pert_bound is the perturbation's norm bound"),
+}
 
 
 @dataclass(frozen=True)
@@ -117,6 +128,9 @@ def parse_axis(name: str, raw: Any, where: str) -> Axis:
 
 def config_field(defense: str, axis: str, fields: set[str], where: str) -> str:
     """The config field a swept axis sets for `defense` (generic names mapped; others must be fields)."""
+    if (axis, defense) in RENAMED:
+        new, what = RENAMED[axis, defense]
+        raise ValueError(f"{where}: {what}, not a regulariser weight: sweep it as {new!r}")
     if axis in GENERIC_AXES:
         field = GENERIC_AXES[axis].get(defense)
         if field is None:

@@ -18,6 +18,7 @@ import os
 import warnings
 from pathlib import Path
 
+from search_spaces import GENERIC_AXES
 from trainables.purify_trial import resolve_members
 
 from .spec import StudySpec
@@ -173,7 +174,7 @@ def _axis_columns(row: dict) -> list[str]:
     """The swept-value columns of a results row: the generic axes and the per-defence extras."""
     from .tracking import BASE_COLUMNS, EXTRA_COLUMNS
 
-    fixed = set(BASE_COLUMNS + EXTRA_COLUMNS) - {"lr", "lam", "generator_size"}
+    fixed = set(BASE_COLUMNS + EXTRA_COLUMNS) - set(GENERIC_AXES)
     return [k for k in row if k not in fixed and row[k] not in ("", None)]
 
 

@@ -12,7 +12,8 @@
     defenses:
       - name: ft
         config: {epochs: 10}       # fixed overrides of the defence's config
-        sweep:                     # axes (search_spaces.axes): generic (lr, lam, generator_size) or fields
+        sweep:                     # axes (search_spaces.axes): generic (lr, lam, threshold, margin, radius,
+                                   # generator_size) or config fields
           lr: {log: [0.002, 0.1, 3]}
       - name: nft
         victims: [2, 3, 4]         # indices into the EXPANDED victims: 0, 1, then the attacks of entry 2

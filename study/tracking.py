@@ -35,8 +35,9 @@ from .mlflow_writer import params_of
 from .spec import StudySpec, attack_label  # attack_label lives in spec (no Ray / MLflow for the dry run)
 from .trial import FINAL_METRICS, METRICS, Trial
 
-BASE_COLUMNS = ["trial_id", "defense", "victim_id", "attack", "trigger_size", "lr", "lam", "clean_fraction",
-                "generator_size", "subset_seed", "acc", "asr", "acc_drop", "status", "mlflow_run_id"]
+BASE_COLUMNS = ["trial_id", "defense", "victim_id", "attack", "trigger_size", "lr", "lam", "threshold", "margin",
+                "radius", "clean_fraction", "generator_size", "subset_seed", "acc", "asr", "acc_drop", "status",
+                "mlflow_run_id"]  # one column per generic axis (GENERIC_AXES): its effective value
 EXTRA_COLUMNS = ["asr_eq9", "ra", "asr_x4", "asr_x9", "acc_before", "asr_before", "shots", "clean_images",
                  "seconds", "trial_seconds", "error", "node_id", "node_ip", "retries", "pack_size", *SUMMARY_KEYS,
                  "point_id", "started_at", "ended_at"]  # point_id: an Optuna point's seeds share it

@@ -250,8 +250,8 @@ def test_the_new_defences_map_the_generic_axes():
     import dataclasses
     from backdoor.defenses import DEFENSES
 
-    assert GENERIC_AXES["lam"]["clp"] == "u" and GENERIC_AXES["lam"]["ftsam"] == "rho"
-    assert GENERIC_AXES["lam"]["ibau"] == "pert_bound" and GENERIC_AXES["lam"]["rnp"] == "threshold"
+    assert GENERIC_AXES["margin"]["clp"] == "u" and GENERIC_AXES["radius"]["ftsam"] == "rho"
+    assert GENERIC_AXES["radius"]["ibau"] == "pert_bound" and GENERIC_AXES["threshold"]["rnp"] == "threshold"
     assert "clp" not in GENERIC_AXES["lr"]  # CLP has no learning rate
     for axis in GENERIC_AXES.values():
         for defense, field in axis.items():

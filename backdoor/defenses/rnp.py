@@ -39,7 +39,7 @@ class RNPConfig:
     0.9, 20 epochs, loss 0.2 x CE, masks on BN weights only, clipped to [0, 1]; batch 128, crop +
     flip. The pruning threshold is not fixed by the code (it logs thresholds 0-0.9 in steps of
     0.05; BackdoorBench's final model uses 0.7): 0.2 here, the low end of the authors' logged
-    results and ANP's rule; it is the `lam` axis of a study."""
+    results and ANP's rule; it is the `threshold` axis of a study."""
 
     unlearn_lr: float = 0.01
     unlearn_momentum: float = 0.9
