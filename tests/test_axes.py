@@ -22,7 +22,7 @@ def _spec(*defenses: dict) -> dict:
 
 
 def _configs(defense: str, axis: str, values: list) -> list[dict]:
-    return [t["config"] for t in expand_trials(parse_spec(_spec({"name": defense, "sweep": {axis: values}})))]
+    return [t.config for t in expand_trials(parse_spec(_spec({"name": defense, "sweep": {axis: values}})))]
 
 
 @pytest.mark.parametrize("defense, axis, field, values", [
@@ -68,7 +68,7 @@ def test_every_refused_spelling_points_at_an_axis_the_defence_has():
     ("clp", "margin", "u", 2.5), ("rnp", "threshold", "threshold", 0.6), ("ftsam", "radius", "rho", 1.0),
     ("ibau", "radius", "pert_bound", 30.0)])
 def test_a_field_by_name_is_the_same_trial_as_its_generic_axis(defense, axis, field, value):
-    ids = [[t["trial_id"] for t in expand_trials(parse_spec(_spec({"name": defense, "sweep": {a: [value]}})))]
+    ids = [[t.trial_id for t in expand_trials(parse_spec(_spec({"name": defense, "sweep": {a: [value]}})))]
            for a in (axis, field)]
     assert ids[0] == ids[1] and len(ids[0]) == 1
 
@@ -80,8 +80,8 @@ def test_quick_preset_ids_hash_fields_not_axis_names():
     for d in by_field["defenses"]:
         d["sweep"] = {GENERIC_AXES[a][d["name"]] if a in GENERIC_AXES else a: v for a, v in d.get("sweep", {}).items()}
     assert any(d["sweep"].keys() != r.get("sweep", {}).keys() for d, r in zip(by_field["defenses"], raw["defenses"]))
-    ids = sorted(t["trial_id"] for t in expand_trials(load_spec(preset="quick")))
-    assert ids == sorted(t["trial_id"] for t in expand_trials(parse_spec(by_field)))
+    ids = sorted(t.trial_id for t in expand_trials(load_spec(preset="quick")))
+    assert ids == sorted(t.trial_id for t in expand_trials(parse_spec(by_field)))
 
 
 def test_results_rows_keep_each_axis_in_its_own_column():
@@ -90,7 +90,7 @@ def test_results_rows_keep_each_axis_in_its_own_column():
     assert {"lam", "threshold", "margin", "radius"} <= set(BASE_COLUMNS)
     assert len(result_columns(spec)) == len(set(result_columns(spec)))
     recorder = SimpleNamespace(victims={0: {"victim_id": "v", "spec": spec.victims[0].to_dict()}})
-    rows = {t["defense"]: StudyRecorder._row(recorder, t, {}, "failed", "", "run", t["config"])
+    rows = {t.defense: StudyRecorder._row(recorder, t, {}, "failed", "", "run", t.config)
             for t in expand_trials(spec)}
     assert {k: rows["clp"][k] for k in ("lam", "margin", "threshold")} == {"lam": "", "margin": 2.5, "threshold": ""}
     assert rows["rnp"]["threshold"] == 0.6 and rows["rnp"]["lam"] == ""
