@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             runs = [measures(Path(d)) for d in a.spread]
             spread = measure_spread(now, [r[0] for r in runs], list(MEASURES))
             doc["tolerances_by_defense"] = tolerances_from(spread, defaults, STEPS)
-            doc["spread"] = {"runs": [str(d) for d in a.spread], "note": a.spread_note, "margin": MARGIN,
+            # the runs by directory name only: a committed baseline carries no machine's paths
+            doc["spread"] = {"runs": [Path(d).resolve().name for d in a.spread], "note": a.spread_note, "margin": MARGIN,
                              "per_measure": spread, "per_trial": trial_spread(trials, [r[1] for r in runs])}
             log(f"tolerances from the spread of {len(runs)} run(s): per trial |dACC| <= "
                 f"{doc['spread']['per_trial']['max_acc']}, |dASR| <= {doc['spread']['per_trial']['max_asr']}")

@@ -24,7 +24,7 @@ def test_a_baseline_with_a_spread_records_it_and_sets_tolerances_per_defence(fir
                                   "--spread-note", "same machine", "--out", first_run / "run-spread", cache=ray_runtime)
     assert rc == 0, out[-3000:] + err[-3000:]
     base = json.loads((first_run / "spread.json").read_text())
-    assert base["spread"]["note"] == "same machine" and base["spread"]["runs"] == [str(first_run / "run0")]
+    assert base["spread"]["note"] == "same machine" and base["spread"]["runs"] == ["run0"]   # by name: no machine path in a baseline
     assert base["spread"]["per_trial"] == {"compared": 2, "moved": 0, "max_acc": 0.0, "max_asr": 0.0,
                                            "median_acc": 0.0, "median_asr": 0.0}   # bit-identical on one CPU
     assert base["tolerances_by_defense"] == {"ft": base["tolerances"]}            # no spread: the defaults
