@@ -1,7 +1,7 @@
 """Per-trial diagnostics: why a defence failed, measured while it runs.
 
-Each function measures one mechanism behind a failure seen in studies (`DESIGN.md`,
-"Calibration") and returns plain floats keyed by name, so that a history row, `epochs.csv`
+Each function measures one mechanism behind a failure seen in studies (docs/measurements.md,
+"The quick study") and returns plain floats keyed by name, so that a history row, `epochs.csv`
 and MLflow can all hold it:
 
 - `prediction_summary`: collapse (share of predictions in the most frequent class) and clean

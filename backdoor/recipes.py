@@ -1,4 +1,4 @@
-"""The papers' victim recipes as named `VictimSpec` presets (spec `victims.md`).
+"""The papers' victim recipes as named `VictimSpec` presets (docs/methods.md).
 
 How the DHBE and NFT papers built the backdoored models their headline rows come from:
 

@@ -38,7 +38,7 @@ QUICK = {  # the quick preset's schedules and lr ranges (study/presets/quick.yam
 }
 
 
-# ResNet-18 CIFAR training at batch 512, bf16 + channels_last, one H100 (DESIGN.md, train_throughput.py)
+# ResNet-18 CIFAR training at batch 512, bf16 + channels_last, one H100 (docs/measurements.md, train_throughput.py)
 ROOFLINE = 51_800
 
 

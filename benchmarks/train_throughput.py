@@ -5,7 +5,7 @@
 
 Measures the same step the victim training loop runs: device-resident uint8 data,
 batched on-device crop + flip, bf16 autocast + channels_last on CUDA (`--fp32` turns
-autocast off to compare), SGD. Reference on one H100 (DESIGN.md): 51.8k img/s bf16.
+autocast off to compare), SGD. Reference on one H100 (docs/measurements.md): 51.8k img/s bf16.
 """
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ EPOCH_COLUMNS = ["trial_id", "epoch", *METRICS, *SUMMARY_KEYS, "per_stage"]  # p
 
 
 def result_columns(spec: StudySpec) -> list[str]:
-    """The results.csv header: the DESIGN columns, the extras, then every other swept axis."""
+    """The results.csv header: the base columns (docs/design.md), the extras, then every other swept axis."""
     axes = [a for d in spec.defenses for a in d.sweep if a not in GENERIC_AXES]
     return BASE_COLUMNS + EXTRA_COLUMNS + [a for a in dict.fromkeys(axes) if a not in BASE_COLUMNS + EXTRA_COLUMNS]
 

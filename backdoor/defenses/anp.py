@@ -1,4 +1,4 @@
-"""ANP: Adversarial Neuron Pruning (Wu & Wang, NeurIPS 2021), as in spec baselines.md.
+"""ANP: Adversarial Neuron Pruning (Wu & Wang, NeurIPS 2021); see docs/methods.md.
 
 Every BatchNorm channel gets a mask m in [0, 1] and multiplicative perturbations on its
 weight and bias (|delta|, |xi| <= eps). Each iteration: one signed-gradient step that

@@ -1,4 +1,4 @@
-"""CLP: Channel Lipschitzness-based Pruning (Zheng et al., ECCV 2022), spec defenses-2.md.
+"""CLP: Channel Lipschitzness-based Pruning (Zheng et al., ECCV 2022); see docs/methods.md.
 
 Data-free and training-free. For every convolution whose output feeds a BatchNorm directly,
 each output channel k gets an upper bound of its Lipschitz constant (UCLC): the spectral

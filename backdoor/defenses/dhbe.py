@@ -1,4 +1,4 @@
-"""DHBE: data-free holistic backdoor erasing (Yan et al., AsiaCCS 2023), as in `specs/dhbe.md`.
+"""DHBE: data-free holistic backdoor erasing (Yan et al., AsiaCCS 2023); see docs/methods.md.
 
 No data at all. The student S (a copy of the backdoored teacher T) is distilled from T on
 samples of a generator G that seeks T/S disagreement, while a trigger generator Gp seeks
@@ -40,7 +40,7 @@ EXECUTIONS = ("auto", "eager", "device", "graph")
 
 @dataclass
 class DHBEConfig:
-    """DHBE hyperparameters; defaults are the paper's protocol (spec dhbe.md)."""
+    """DHBE hyperparameters; defaults are the paper's protocol (docs/methods.md)."""
 
     lam: float = 0.1                # weight of the adversarial backdoor regulariser
     lr: float = 0.1                 # student SGD lr (the swept knob)

@@ -1,4 +1,4 @@
-"""FP: Fine-pruning (Liu et al., RAID 2018), as in spec baselines.md.
+"""FP: Fine-pruning (Liu et al., RAID 2018); see docs/methods.md.
 
 1. Mean activation of each channel of the last block, on the clean subset.
 2. Prune channels in increasing order of activation until clean-subset accuracy drops by

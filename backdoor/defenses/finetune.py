@@ -1,4 +1,4 @@
-"""The baselines' shared fine-tuning schedule ("FT schedule", spec baselines.md) and plain FT.
+"""The baselines' shared fine-tuning schedule ("FT schedule", docs/methods.md) and plain FT.
 
 `FTSchedule` holds the recipe's hyperparameters (the DHBE paper's appendix): SGD lr 0.01,
 momentum 0.9, weight decay 5e-4, 20 epochs of 2,000 samples (the clean subset repeated when

@@ -1,4 +1,4 @@
-"""FT-SAM: fine-tuning with sharpness-aware minimisation (Zhu et al., ICCV 2023), spec defenses-2.md.
+"""FT-SAM: fine-tuning with sharpness-aware minimisation (Zhu et al., ICCV 2023); see docs/methods.md.
 
 The shared FT schedule (`FTSchedule`) on all weights, but every step takes its gradient at
 the worst-case weights nearby: a first backward pass gives g at w; the weights move to

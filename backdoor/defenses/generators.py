@@ -1,4 +1,4 @@
-"""DHBE's two generators and the patch mixing (spec dhbe.md, "Generators").
+"""DHBE's two generators and the patch mixing (docs/methods.md, "DHBE").
 
 - `SampleGenerator` (G): noise -> image in the model's *normalised* input space (it ends
   in a non-affine BatchNorm, so its output is zero-mean / unit-variance).

@@ -1,4 +1,4 @@
-"""I-BAU: Implicit Backdoor Adversarial Unlearning (Zeng et al., ICLR 2022), spec defenses-2.md.
+"""I-BAU: Implicit Backdoor Adversarial Unlearning (Zeng et al., ICLR 2022); see docs/methods.md.
 
 A minimax game on the clean subset, played for `rounds` rounds:
 - inner: one universal perturbation delta (one image's shape, from zero) that maximises the

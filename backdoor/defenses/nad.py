@@ -1,4 +1,4 @@
-"""NAD: Neural Attention Distillation (Li et al., ICLR 2021), as in spec baselines.md.
+"""NAD: Neural Attention Distillation (Li et al., ICLR 2021); see docs/methods.md.
 
 1. Teacher: a copy of the backdoored model fine-tuned on the clean subset (FT schedule,
    `teacher_epochs`).

@@ -1,4 +1,4 @@
-"""NC: Neural Cleanse (Wang et al., S&P 2019), as in spec baselines.md.
+"""NC: Neural Cleanse (Wang et al., S&P 2019); see docs/methods.md.
 
 1. Reverse-engineer a trigger (mask M, pattern P, both in pixel space) for the target class:
    minimise CE(f((1 - M) x + M P), target) + cost * |M|_1 on the clean subset, with the

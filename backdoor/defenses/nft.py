@@ -1,4 +1,4 @@
-"""NFT: neural mask fine-tuning (Karim et al., ECCV 2024), as in `specs/nft.md`.
+"""NFT: neural mask fine-tuning (Karim et al., ECCV 2024); see docs/methods.md.
 
 Only per-channel masks on the BatchNorms inside the residual stages are trained; every
 weight stays frozen. Loss: MixUp cross-entropy with mixed labels plus
@@ -28,7 +28,7 @@ from .masks import MASK_SITES, attach_masks, clamp_masks, fold_masks
 
 @dataclass
 class NFTConfig:
-    """NFT hyperparameters; defaults are the reference protocol (spec nft.md)."""
+    """NFT hyperparameters; defaults are the reference protocol (docs/methods.md)."""
 
     lr: float = 0.05            # SGD on masks
     momentum: float = 0.95

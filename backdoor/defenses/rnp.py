@@ -1,4 +1,4 @@
-"""RNP: Reconstructive Neuron Pruning (Li et al., ICML 2023), spec defenses-2.md.
+"""RNP: Reconstructive Neuron Pruning (Li et al., ICML 2023); see docs/methods.md.
 
 1. Unlearn: on a copy, gradient *ascent* on the clean-subset cross-entropy over all weights
    (SGD, lr x0.1 at the milestones), epoch by epoch, until an epoch's running training

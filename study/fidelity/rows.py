@@ -1,6 +1,6 @@
 """The fidelity table as data: each row's victim recipe, defence protocol and paper numbers.
 
-Paper numbers (ACC / ASR in %) are the rows of `specs/victims.md`. A row's defence config is
+Paper numbers (ACC / ASR in %) are the papers' tables (docs/methods.md, "Fidelity rows"). A row's defence config is
 the paper's protocol; `PRESETS` turns a row into what actually runs: `paper` (CIFAR-10,
 ResNet-18, the recipes of `backdoor.recipes`) or `tiny` (digits, `small_cnn`, schedules of a
 few steps: it checks the mechanics, not the verdicts). `--schedule-scale` shortens either.
@@ -60,7 +60,7 @@ ROWS: dict[str, Row] = {r.id: r for r in [
         config={"lr": 0.01}, clean_fraction=0.04, asr_metric="asr_eq9", note=_BASELINE_NOTE),
     Row("nad-badnets-3x3", "DHBE Table 3", "dhbe-badnets-3x3", "nad", (94.75, 100.0), (90.75, 0.38),
         config={"lr": 0.01}, clean_fraction=0.04, asr_metric="asr_eq9",
-        note=_BASELINE_NOTE + "; NAD as baselines.md (attention on layer2-4, betas 500/1000/1000): the DHBE "
+        note=_BASELINE_NOTE + "; NAD as in docs/methods.md (attention on layer2-4, betas 500/1000/1000): the DHBE "
              "appendix puts attention losses on all four residual blocks, weights stripped from our copy"),
     Row("amplified-3x3", "DHBE Table 6", "dhbe-badnets-3x3", None,
         derived_from=("ft-badnets-3x3", "fp-badnets-3x3", "nad-badnets-3x3", "dhbe-badnets-3x3"),
