@@ -13,17 +13,23 @@ On an AVX-512 CPU (an Intel Xeon, measured) oneDNN's AVX-512 convolution kernels
 the thread count as well; capped at AVX2 they gave the same bits at 1 and 2 threads, but not
 at 8.
 
+ATen's own vectorised kernels dispatch to AVX-512 code where the CPU has it, and that code
+gives other bits than its AVX2 code: the quick study's victim trained to 98.74% ACC on an
+AVX-512 AMD EPYC and to 99.24% with ATen capped at AVX2, as on the AVX2 EPYC the regression
+baseline was made on (measured 2026-12-03; every one of the baseline's 109 trials then equal).
+
 Fix: MKL's conditional numerical reproducibility in strict mode (`MKL_CBWR=AUTO,STRICT`), so
-GEMM results no longer depend on the thread count, and oneDNN capped at AVX2 kernels
+GEMM results no longer depend on the thread count; oneDNN capped at AVX2 kernels
 (`ONEDNN_MAX_CPU_ISA=AVX2`; no change on an AVX2 CPU, about 13% slower training measured on
-the AVX-512 Xeon). Both libraries read these variables at their first call, so `apply()`
-runs when `backdoor` is imported, before any torch arithmetic of ours. Values the user set
-win; `BACKDOOR_CPU_REPRO=0` sets neither. `mkl_mode()` reads back what MKL actually uses.
+the AVX-512 Xeon); ATen capped at AVX2 kernels (`ATEN_CPU_CAPABILITY=avx2`; the digits victim
+trained in 14.0 s capped vs 15.2 s uncapped on the AVX-512 EPYC). The libraries read these
+variables at their first call, so `apply()` runs when `backdoor` is imported, before any torch
+arithmetic of ours. Values the user set win; `BACKDOOR_CPU_REPRO=0` sets none. `mkl_mode()` reads back what MKL actually uses.
 Because kernels can still split work by the thread count (the Xeon at 8 threads), a victim
 trained on the CPU trains on one thread (`victims.get_or_train` under `one_thread()`): the
 victim every trial starts from is then the same whichever process trains it. Across CPUs
-(another instruction set, cache sizes, torch version) nothing is guaranteed: see the README's
-"Reproducibility".
+with AVX2 the caps make the kernels the same; beyond that (cache sizes, torch version) nothing
+is guaranteed: see docs/reproducibility.md.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ import ctypes
 import os
 from collections.abc import Iterator
 
-CPU_REPRO_ENV = {"MKL_CBWR": "AUTO,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+CPU_REPRO_ENV = {"MKL_CBWR": "AUTO,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 OPT_OUT = "BACKDOOR_CPU_REPRO"
 # mkl_service.h: the branch part of a CBWR setting, and the strict flag
 _BRANCHES = {0: "OFF", 1: "BRANCH_OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2",
