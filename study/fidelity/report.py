@@ -68,7 +68,7 @@ def render_readme(rows: dict[str, dict]) -> str:
         "Each `*.json` here is one row as `python -m study.fidelity --data-root DIR --rows ROW` wrote it "
         "(`OUT/rows/ROW.json`, written only at `--schedule-scale 1`): every number, the device, torch version, "
         "commit, date, seconds and precision. Rows run on shortened schedules are never committed here; "
-        "what they showed is in the main README, as observations, not verdicts.",
+        "what they showed is in docs/measurements.md, as observations, not verdicts.",
         "",
     ]
     if measured:
