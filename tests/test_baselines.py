@@ -1,5 +1,5 @@
 """Baseline defences (FT, FP, NAD, ANP, NC; I-BAU, FT-SAM and RNP for data access and bad input,
-their methods in test_defenses_wave2.py): the shared FT schedule, each method's defining
+their methods in test_defenses_clp_ibau_ftsam_rnp.py): the shared FT schedule, each method's defining
 property, data access, bad input, and the lr trade-off direction on a real backdoor."""
 import pytest
 import torch
