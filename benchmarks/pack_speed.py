@@ -25,7 +25,7 @@ import torch
 from backdoor.cli_args import device_args
 from backdoor.models import build_model
 from backdoor.packing import Member, PackedNet, PackedSGD, run_pack
-from backdoor.packing.train import packed_cross_entropy
+from backdoor.defenses.members import packed_cross_entropy
 from backdoor.purify import run_defense
 from backdoor.runtime import autocast, resolve_device
 from backdoor.victims import VictimSpec, get_or_train

@@ -3,7 +3,8 @@
 Seed methods: NFT (`nft`), DHBE (`dhbe`, data-free). Baselines: FT (`ft`), Fine-pruning (`fp`),
 NAD (`nad`), ANP (`anp`), Neural Cleanse (`nc`), CLP (`clp`, data-free, no training), I-BAU
 (`ibau`), FT-SAM (`ftsam`), RNP (`rnp`). A new defence is one module with a config dataclass
-(the paper's defaults) and a `Defense` subclass implementing `_purify`, plus one line in
+(the paper's defaults) and a `Defense` subclass implementing `_purify` (or, to pack, a
+`PackableDefense` whose `members` loop runs over K members, `members.py`), plus one line in
 `DEFENSES` below.
 """
 from __future__ import annotations

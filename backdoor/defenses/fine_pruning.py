@@ -12,6 +12,7 @@ purified model keeps its ordinary structure and state-dict keys.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +20,9 @@ from torch import nn
 
 from ..data import Augment, ImageSet, to_float
 from ..runtime import autocast, memory_format
-from .base import Defense, DefenseResult, EpochCallback, check
-from .finetune import FTSchedule, fine_tune
+from .base import DefenseResult, check
+from .finetune import FTSchedule, fine_tune_members
+from .members import PackableDefense, PackedEpochCallback, PackFactory, member_results
 
 
 @dataclass
@@ -99,27 +101,33 @@ def prune_plan(model: nn.Module, data: ImageSet, cfg: FPConfig) -> tuple[torch.T
                   "clean_acc_before_pruning": acc_list[0], "clean_acc_after_pruning": acc_list[n_prune]}
 
 
-class FP(Defense):
+def fp_members(make_pack: PackFactory, model: nn.Module, configs: Sequence[FPConfig], subsets: Sequence[ImageSet],
+               seeds: Sequence[int], *, device: torch.device, augment: Augment | None,
+               on_epoch: PackedEpochCallback | None, diagnose: bool = True) -> list[DefenseResult | Exception]:
+    """FP for K members: each member's pruning decision on `model` (its subset, its rule), then
+    the FT schedule with each member's pruned columns of `linear` kept at zero."""
+    plans = [prune_plan(model, data, cfg) for cfg, data in zip(configs, subsets)]
+    pack = make_pack(model)
+    head = pack.net.linear
+    keep = torch.stack([p[0] for p in plans]).to(head.weight.dtype).unsqueeze(1)  # (K, 1, in)
+
+    def zero_pruned() -> None:
+        with torch.no_grad():
+            head.weight.view(pack.k, head.out_features, head.in_features).mul_(keep)
+
+    zero_pruned()
+    for p in pack.parameters():
+        p.requires_grad_(True)
+    histories, failures = fine_tune_members(pack, subsets, configs, defense="fp", device=device, augment=augment,
+                                            seeds=seeds, on_epoch=on_epoch, after_step=zero_pruned)
+    infos = [{**info, "steps": h[-1]["steps"] if h else 0} for (_, info), h in zip(plans, histories)]
+    return member_results(pack, histories, failures, infos)
+
+
+class FP(PackableDefense):
     """Fine-pruning: prune dormant last-block channels, then fine-tune."""
 
     name = "fp"
     Config = FPConfig
     needs_clean_data = True
-
-    def _purify(self, model: nn.Module, clean_subset: ImageSet | None, *, device: torch.device, image_shape,
-                augment: Augment | None, on_epoch: EpochCallback | None, seed: int) -> DefenseResult:
-        cfg: FPConfig = self.config
-        assert clean_subset is not None
-        keep, info = prune_plan(model, clean_subset, cfg)
-        keep = keep.to(model.linear.weight.dtype).unsqueeze(0)
-
-        def zero_pruned() -> None:
-            with torch.no_grad():
-                model.linear.weight.mul_(keep)
-
-        zero_pruned()
-        for p in model.parameters():
-            p.requires_grad_(True)
-        history = fine_tune(model, clean_subset, cfg, defense=self.name, device=device, augment=augment,
-                            seed=seed, on_epoch=on_epoch, after_step=zero_pruned)
-        return DefenseResult(model, history, {**info, "steps": history[-1]["steps"]})
+    members = staticmethod(fp_members)

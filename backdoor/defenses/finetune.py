@@ -3,9 +3,11 @@
 `FTSchedule` holds the recipe's hyperparameters (the DHBE paper's appendix): SGD lr 0.01,
 momentum 0.9, weight decay 5e-4, 20 epochs of 2,000 samples (the clean subset repeated when
 smaller), batch 64, lr x0.1 after epochs 10 and 15, crop + flip. Every baseline config that
-fine-tunes inherits it, and every such baseline runs `fine_tune`, passing its own loss
-(NAD: attention distillation), a batch edit (NC: reversed trigger) or a post-step constraint
-(FP: pruned channels stay zero). One loop, not five copies.
+fine-tunes inherits it, and every such baseline runs `fine_tune_members` (over K members,
+`backdoor.defenses.members`; `fine_tune` for one model), passing its own loss (NAD:
+attention distillation), a batch edit (NC: reversed trigger), a post-step constraint (FP:
+pruned channels stay zero) or a gradient replacement (FT-SAM). One loop, for one trial and
+for a pack of K.
 """
 from __future__ import annotations
 
@@ -13,15 +15,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data import Augment, ImageSet, repeated_batches
-from ..runtime import autocast, device_generator, memory_format
-from .base import Defense, DefenseResult, EpochCallback, LossTracker, check, check_finite_positive, report_epoch
+from ..runtime import autocast, device_generator
+from .base import DefenseDiverged, DefenseResult, EpochCallback, check, check_finite_positive
+from .members import (PackableDefense, PackedEpochCallback, PackedLossFn, PackedLossTracker, PackFactory, Solo,
+                      augmenter, check_shared, member_batches, member_results, member_sgd, packed_cross_entropy,
+                      report_pack_epoch, solo_epochs)
 
-# loss_fn(model, x, y) -> (total, *parts): the total is optimised, every entry is tracked per epoch
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
+# the schedule fields members of one pack may not differ in (they set the number and size of steps)
+SHARED_SCHEDULE = ("epochs", "samples_per_epoch", "batch_size", "milestones", "lr_decay", "augment")
+# edit_batch(x (K,B,C,H,W), y (K,B)) -> the batches to train on
+BatchEdit = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -61,61 +67,97 @@ class FTSchedule:
         return full + (rest >= 2 or (full == 0 and rest == 1))
 
 
-def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return (F.cross_entropy(model(x).float(), y),)
+def fine_tune_members(pack: nn.Module, subsets: Sequence[ImageSet], schedules: Sequence[FTSchedule], *,
+                      defense: str, device: torch.device, augment: Augment | None, seeds: Sequence[int],
+                      on_epoch: PackedEpochCallback | None, loss_fn: PackedLossFn | None = None,
+                      loss_names: tuple[str, ...] = ("ce",), edit_batch: BatchEdit | None = None,
+                      after_step: Callable[[], None] | None = None,
+                      regrad: Callable[[Callable[[], torch.Tensor]], None] | None = None
+                      ) -> tuple[list[list[dict]], list[DefenseDiverged | None]]:
+    """Train every parameter of `pack` that requires grad with the FT schedule: member m on
+    `subsets[m]` with `schedules[m]` (lr, momentum and weight decay may differ; the
+    `SHARED_SCHEDULE` fields may not) and the generator of `seeds[m]`. Returns each member's
+    per-epoch history (lr, loss means, plus what `on_epoch` measured) and its failure (None if
+    it finished); the loop ends early once every member has failed.
 
-
-def fine_tune(model: nn.Module, clean_subset: ImageSet, schedule: FTSchedule, *, defense: str,
-              device: torch.device, augment: Augment | None, seed: int, on_epoch: EpochCallback | None,
-              loss_fn: LossFn = cross_entropy_loss, loss_names: tuple[str, ...] = ("ce",),
-              edit_batch: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-              after_step: Callable[[], None] | None = None,
-              regrad: Callable[[Callable[[], torch.Tensor]], None] | None = None) -> list[dict]:
-    """Train every parameter of `model` that requires grad with the FT schedule; returns the
-    per-epoch history (lr, loss means, plus what `on_epoch` measured).
-
-    `edit_batch(x, y)` changes a batch after augmentation (NC stamps its reversed trigger);
-    `after_step()` runs after every optimiser step (FP re-zeroes pruned channels).
-    `regrad(loss_at)` runs between the backward pass and the optimiser step and may replace the
-    gradients (FT-SAM: the gradient at the worst-case nearby weights); `loss_at()` recomputes
-    the batch's optimised loss at the current weights.
-    Losses stay on the device; a NaN/inf raises `DefenseDiverged` at the epoch's end.
+    `loss_fn` (default: cross-entropy) gives the per-member losses, the first one optimised.
+    `edit_batch(x, y)` changes the member batches after augmentation (NC stamps its reversed
+    trigger); `after_step()` runs after every optimiser step (FP re-zeroes pruned channels).
+    `regrad(loss_at)` runs between the backward pass and the optimiser step and may replace
+    the gradients (FT-SAM: the gradient at the worst-case nearby weights); `loss_at()`
+    recomputes the batch's optimised loss, summed over members, at the current weights.
     """
-    aug = (augment if augment is not None else Augment()) if schedule.augment else None
-    gen = device_generator(device, seed)
-    fmt = memory_format(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
-    tracker = LossTracker(defense, ("total", *loss_names) if len(loss_names) > 1 else loss_names, device)
-    history: list[dict] = []
+    k = pack.k
+    check_shared(schedules, SHARED_SCHEDULE, defense)
+    first = schedules[0]
+    aug = augmenter(augment, first.augment)
+    gens = [device_generator(device, s) for s in seeds]
+    loss_fn = loss_fn or (lambda net, x, y: (packed_cross_entropy(net(x), y),))
+    opt = member_sgd(list(pack.parameters()), k, [s.lr for s in schedules], [s.momentum for s in schedules],
+                     [s.weight_decay for s in schedules])
+    tracker = PackedLossTracker(defense, ("total", *loss_names) if len(loss_names) > 1 else loss_names, k, device)
+    histories: list[list[dict]] = [[] for _ in range(k)]
     step = 0
-    for epoch in range(schedule.epochs):
-        lr = schedule.epoch_lr(epoch)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        model.train()
-        for x, y in repeated_batches(clean_subset, schedule.samples_per_epoch, schedule.batch_size,
-                                     generator=gen, augment=aug):
+    for epoch in range(first.epochs):
+        lrs = [s.epoch_lr(epoch) if alive else 0.0 for s, alive in zip(schedules, tracker.alive())]
+        opt.set_lr(lrs)
+        pack.train()
+        iterators = [repeated_batches(d, first.samples_per_epoch, first.batch_size, generator=g, augment=aug)
+                     for d, g in zip(subsets, gens)]
+        for _ in range(first.steps_per_epoch()):
+            x, y = member_batches(iterators)
             if edit_batch is not None:
                 x, y = edit_batch(x, y)
-            x = x.contiguous(memory_format=fmt)
             with autocast(device):
-                losses = loss_fn(model, x, y)
-            opt.zero_grad(set_to_none=True)
-            losses[0].backward()
+                losses = loss_fn(pack, x, y)
+            opt.zero_grad()
+            losses[0].sum().backward()
             if regrad is not None:
                 def loss_at(x=x, y=y) -> torch.Tensor:
                     with autocast(device):
-                        return loss_fn(model, x, y)[0]
+                        return loss_fn(pack, x, y)[0].sum()
                 regrad(loss_at)
             opt.step()
             if after_step is not None:
                 after_step()
             tracker.add(step, *losses)
             step += 1
-        report_epoch(history, epoch + 1, model, on_epoch, {"lr": lr, "steps": step, **tracker.close_epoch()})
-    model.eval()
+        closed = tracker.close_epoch()
+        records = [c if isinstance(c, Exception) else {"lr": lr, "steps": step, **c} for c, lr in zip(closed, lrs)]
+        report_pack_epoch(histories, epoch + 1, on_epoch, pack, records)
+        if not any(tracker.alive()):
+            break
+    pack.eval()
+    return histories, tracker.failures()
+
+
+def fine_tune(model: nn.Module, clean_subset: ImageSet, schedule: FTSchedule, *, defense: str,
+              device: torch.device, augment: Augment | None, seed: int, on_epoch: EpochCallback | None,
+              edit_batch: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+              after_step: Callable[[], None] | None = None,
+              regrad: Callable[[Callable[[], torch.Tensor]], None] | None = None) -> list[dict]:
+    """`fine_tune_members` for one ordinary model (a pack of one), with `edit_batch` on its own
+    batches (B, C, H, W); returns the history, or raises the `DefenseDiverged` of a NaN/inf loss."""
+    edit = None if edit_batch is None else lambda x, y: tuple(t.unsqueeze(0) for t in edit_batch(x[0], y[0]))
+    (history,), (failure,) = fine_tune_members(Solo(model), [clean_subset], [schedule], defense=defense,
+                                               device=device, augment=augment, seeds=[seed],
+                                               on_epoch=solo_epochs(on_epoch), edit_batch=edit,
+                                               after_step=after_step, regrad=regrad)
+    if failure is not None:
+        raise failure
     return history
+
+
+def ft_members(make_pack: PackFactory, model: nn.Module, configs: Sequence[FTSchedule], subsets: Sequence[ImageSet],
+               seeds: Sequence[int], *, device: torch.device, augment: Augment | None,
+               on_epoch: PackedEpochCallback | None, diagnose: bool = True) -> list[DefenseResult | Exception]:
+    """FT for K members: every weight, cross-entropy, the FT schedule."""
+    pack = make_pack(model)
+    for p in pack.parameters():
+        p.requires_grad_(True)
+    histories, failures = fine_tune_members(pack, subsets, configs, defense="ft", device=device, augment=augment,
+                                            seeds=seeds, on_epoch=on_epoch)
+    return member_results(pack, histories, failures, [{"steps": h[-1]["steps"] if h else 0} for h in histories])
 
 
 @dataclass
@@ -123,18 +165,10 @@ class FTConfig(FTSchedule):
     """Plain fine-tuning: the FT schedule on all weights with cross-entropy."""
 
 
-class FT(Defense):
+class FT(PackableDefense):
     """Fine-tuning: all weights, cross-entropy on the clean subset, FT schedule."""
 
     name = "ft"
     Config = FTConfig
     needs_clean_data = True
-
-    def _purify(self, model: nn.Module, clean_subset: ImageSet | None, *, device: torch.device, image_shape,
-                augment: Augment | None, on_epoch: EpochCallback | None, seed: int) -> DefenseResult:
-        assert clean_subset is not None
-        for p in model.parameters():
-            p.requires_grad_(True)
-        history = fine_tune(model, clean_subset, self.config, defense=self.name, device=device, augment=augment,
-                            seed=seed, on_epoch=on_epoch)
-        return DefenseResult(model, history, {"steps": history[-1]["steps"]})
+    members = staticmethod(ft_members)

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Augment, ImageSet
-from .base import Defense, DefenseResult, EpochCallback, check, check_finite_positive
-from .finetune import FTSchedule, fine_tune
+from .base import DefenseResult, check, check_finite_positive
+from .finetune import FTSchedule, fine_tune_members
+from .members import PackableDefense, PackedEpochCallback, PackFactory, member_results, members_of, packed_cross_entropy
 
 
 @dataclass
@@ -57,24 +58,24 @@ def attention_map(features: torch.Tensor, power: float) -> torch.Tensor:
 
 
 def attention_distance(student: torch.Tensor, teacher: torch.Tensor, power: float) -> torch.Tensor:
-    return (attention_map(student, power) - attention_map(teacher, power)).pow(2).mean()
+    """AT distance of (..., B, C, H, W) features: a scalar, or (K,) for a pack's members."""
+    return (attention_map(student, power) - attention_map(teacher, power)).pow(2).mean((-2, -1))
 
 
 class FeatureTap:
-    """Keeps the latest output of named submodules (forward hooks); `close()` removes them."""
+    """The latest output of named layers of a pack, split per member: (K, B, C, H, W)."""
 
-    def __init__(self, model: nn.Module, names: Sequence[str]):
-        modules = dict(model.named_modules())
+    def __init__(self, pack: nn.Module, names: Sequence[str]):
+        modules = dict(pack.net.named_modules())
         missing = [n for n in names if n not in modules]
         if missing:
-            raise ValueError(f"at_layers: {type(model).__name__} has no layer(s) {missing}")
-        self.out: dict[str, torch.Tensor] = {}
-        self.hooks = [modules[n].register_forward_hook(self._keep(n)) for n in names]
+            raise ValueError(f"at_layers: {type(pack.net).__name__} has no layer(s) {missing}")
+        self.k, self.out = pack.k, {}
+        self.hooks = [modules[n].register_forward_hook(lambda mod, i, o, n=n: self.out.__setitem__(n, o))
+                      for n in names]
 
-    def _keep(self, name: str):
-        def hook(mod, inp, out):
-            self.out[name] = out
-        return hook
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return members_of(self.out[name], self.k)
 
     def close(self) -> None:
         for h in self.hooks:
@@ -82,47 +83,57 @@ class FeatureTap:
         self.out.clear()
 
 
-class NAD(Defense):
+def nad_members(make_pack: PackFactory, model: nn.Module, configs: Sequence[NADConfig], subsets: Sequence[ImageSet],
+                seeds: Sequence[int], *, device: torch.device, augment: Augment | None,
+                on_epoch: PackedEpochCallback | None, diagnose: bool = True) -> list[DefenseResult | Exception]:
+    """NAD for K members: the teachers fine-tuned (seed + 1, `teacher_lr`), then the students
+    with each member's betas. A diverged teacher fails its member."""
+    cfg0 = configs[0]
+    layers = list(cfg0.at_layers)
+    betas = [[b * c.beta_scale for b in c.betas] for c in configs]
+    beta = torch.tensor(betas, device=device)  # (K, L)
+    teacher = make_pack(copy.deepcopy(model))
+    for p in teacher.parameters():
+        p.requires_grad_(True)
+    teacher_schedules = [dataclasses.replace(c, epochs=c.teacher_epochs, lr=c.teacher_lr or c.lr) for c in configs]
+    teacher_hist, teacher_failed = fine_tune_members(teacher, subsets, teacher_schedules, defense="nad (teacher)",
+                                                     device=device, augment=augment, seeds=[s + 1 for s in seeds],
+                                                     on_epoch=None)
+    if all(teacher_failed):
+        return list(teacher_failed)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = make_pack(model)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    s_tap, t_tap = FeatureTap(student, layers), FeatureTap(teacher, layers)
+
+    def loss_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ce = packed_cross_entropy(net(x), y)
+        with torch.no_grad():
+            teacher(x)
+        at = [attention_distance(s_tap[n], t_tap[n], cfg0.power) for n in layers]
+        total = ce + sum(beta[:, i] * a for i, a in enumerate(at))
+        return (total, ce, *at)
+
+    try:
+        histories, failures = fine_tune_members(student, subsets, configs, defense="nad", device=device,
+                                                augment=augment, seeds=seeds, on_epoch=on_epoch, loss_fn=loss_fn,
+                                                loss_names=("ce", *(f"at_{n}" for n in layers)))
+    finally:
+        s_tap.close()
+        t_tap.close()
+    failures = [t or s for t, s in zip(teacher_failed, failures)]
+    infos = [{"teacher_loss": [r["loss_ce"] for r in th], "betas": b, "steps": h[-1]["steps"] if h else 0}
+             for th, b, h in zip(teacher_hist, betas, histories)]
+    return member_results(student, histories, failures, infos)
+
+
+class NAD(PackableDefense):
     """Neural Attention Distillation from a fine-tuned teacher."""
 
     name = "nad"
     Config = NADConfig
     needs_clean_data = True
-
-    def _purify(self, model: nn.Module, clean_subset: ImageSet | None, *, device: torch.device, image_shape,
-                augment: Augment | None, on_epoch: EpochCallback | None, seed: int) -> DefenseResult:
-        cfg: NADConfig = self.config
-        assert clean_subset is not None
-        layers = list(cfg.at_layers)
-        betas = [b * cfg.beta_scale for b in cfg.betas]
-        for p in model.parameters():
-            p.requires_grad_(True)
-
-        teacher = copy.deepcopy(model)
-        teacher_schedule = dataclasses.replace(cfg, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr or cfg.lr)
-        teacher_history = fine_tune(teacher, clean_subset, teacher_schedule, defense=f"{self.name} (teacher)",
-                                    device=device, augment=augment, seed=seed + 1, on_epoch=None)
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-
-        s_tap, t_tap = FeatureTap(model, layers), FeatureTap(teacher, layers)
-
-        def loss_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            ce = F.cross_entropy(net(x).float(), y)
-            with torch.no_grad():
-                teacher(x)
-            at = [attention_distance(s_tap.out[n], t_tap.out[n], cfg.power) for n in layers]
-            total = ce + sum(b * a for b, a in zip(betas, at))
-            return (total, ce, *at)
-
-        try:
-            history = fine_tune(model, clean_subset, cfg, defense=self.name, device=device, augment=augment,
-                                seed=seed, on_epoch=on_epoch, loss_fn=loss_fn,
-                                loss_names=("ce", *(f"at_{n}" for n in layers)))
-        finally:
-            s_tap.close()
-            t_tap.close()
-        info = {"teacher_loss": [h["loss_ce"] for h in teacher_history], "betas": betas,
-                "steps": history[-1]["steps"]}
-        return DefenseResult(model, history, info)
+    members = staticmethod(nad_members)

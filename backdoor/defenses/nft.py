@@ -11,19 +11,21 @@ masks folded into gamma.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import rng_state, set_rng_state
+from ..checkpoint import Checkpoint, rng_state, set_rng_state
 from ..data import Augment, ImageSet, sample_batches, to_float
-from ..diagnostics import mask_summary, masks_of
-from ..runtime import autocast, device_generator, memory_format
-from .base import Defense, DefenseResult, EpochCallback, LossTracker, check, check_finite_positive, report_epoch
-from .masks import MASK_SITES, attach_masks, clamp_masks, fold_masks
+from ..diagnostics import mask_summary
+from ..runtime import autocast, device_generator
+from .base import DefenseResult, check, check_finite_positive
+from .masks import MASK_SITES, Masked, attach_masks, clamp_masks, fold_masks
+from .members import (PackableDefense, PackedEpochCallback, PackedLossTracker, PackFactory, augmenter, member_batches,
+                      member_masks, member_results, member_sgd, packed_cross_entropy, report_pack_epoch)
 
 
 @dataclass
@@ -72,87 +74,110 @@ class NFTConfig:
         return self.lr_min + (self.lr - self.lr_min) * (1 + math.cos(math.pi * r / self.rounds)) / 2
 
 
-class NFT(Defense):
+def nft_members(make_pack: PackFactory, model: nn.Module, configs: Sequence[NFTConfig], subsets: Sequence[ImageSet],
+                seeds: Sequence[int], *, device: torch.device, augment: Augment | None,
+                on_epoch: PackedEpochCallback | None, diagnose: bool = True,
+                checkpoint: Checkpoint | None = None) -> list[DefenseResult | Exception]:
+    """NFT for K members: masks on the pack's layers (one per member channel), each member's
+    lr / momentum / eta / lr_min, its own MixUp draws and batches. `checkpoint` (one member
+    only): continue from it, and save into it after every round."""
+    cfg0, k = configs[0], len(configs)
+    if checkpoint is not None and k != 1:
+        raise ValueError(f"checkpoint: a pack of {k} NFT members is not resumable")
+    pack = make_pack(model)
+    example = torch.stack([to_float(d.x[:2]) for d in subsets])
+    masks = attach_masks(pack.net, cfg0.mask_site, example=pack.flat_input(example), scope="stages")
+    bounds = cfg0.mask_bounds(len(masks))
+    mask_ids = {id(m.mask) for m in masks}
+    for p in pack.parameters():
+        p.requires_grad_(id(p) in mask_ids)
+    per_class = [len(d) / int(d.y.unique().numel()) for d in subsets]  # N_c
+    reg_weights = [c.eta / n for c, n in zip(configs, per_class)]
+    reg_weight = torch.tensor(reg_weights, device=device)
+    aug = augmenter(augment, cfg0.augment)
+    gens = [device_generator(device, s) for s in seeds]
+    # MixUp coefficients for every step, drawn up front: seeded, and no per-step host work
+    lams = torch.stack([torch.from_numpy(np.random.default_rng(s).beta(cfg0.mixup_alpha, cfg0.mixup_alpha,
+                                                                        cfg0.steps)) for s in seeds]).float().to(device)
+    opt = member_sgd([m.mask for m in masks], k, [c.lr for c in configs], [c.momentum for c in configs],
+                     [c.weight_decay for c in configs])
+    tracker = PackedLossTracker("nft", ("total", "mix", "reg"), k, device)
+    per_round = [cfg0.steps // cfg0.rounds] * cfg0.rounds
+    per_round[-1] += cfg0.steps % cfg0.rounds
+
+    histories: list[list[dict]] = [[] for _ in range(k)]
+    step = first_round = 0
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:  # the masked model's state holds the masks and the BN running statistics
+        pack.net.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        set_rng_state(saved["rng"], gens[0])
+        step, first_round, histories = int(saved["step"]), int(saved["round"]), [list(saved["history"])]
+
+    def snapshot() -> dict:
+        return {"model": pack.net.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(gens[0]),
+                "step": step, "round": r + 1, "history": list(histories[0])}
+
+    for r, n_steps in enumerate(per_round):
+        if r < first_round:
+            continue
+        lrs = [c.round_lr(r) if alive else 0.0 for c, alive in zip(configs, tracker.alive())]
+        opt.set_lr(lrs)
+        pack.train(cfg0.bn_train_mode)
+        iterators = [sample_batches(d, cfg0.batch_size, n_steps, generator=g, augment=aug)
+                     for d, g in zip(subsets, gens)]
+        for _ in range(n_steps):
+            x, y = member_batches(iterators)
+            with autocast(device):
+                if cfg0.mixup:
+                    lam = lams[:, step].view(k, 1, 1, 1, 1)
+                    perms = torch.stack([torch.randperm(x.shape[1], device=device, generator=g) for g in gens])
+                    x_perm = torch.gather(x, 1, perms.view(k, -1, 1, 1, 1).expand_as(x))
+                    logits = pack(lam * x + (1 - lam) * x_perm)
+                    lam1 = lam.view(k)
+                    loss_mix = (lam1 * packed_cross_entropy(logits, y)
+                                + (1 - lam1) * packed_cross_entropy(logits, torch.gather(y, 1, perms)))
+                else:
+                    loss_mix = packed_cross_entropy(pack(x), y)
+            loss_reg = _mask_distance(masks, k)
+            loss = loss_mix + reg_weight * loss_reg
+            opt.zero_grad()
+            loss.sum().backward()
+            opt.step()
+            clamp_masks(masks, bounds)
+            tracker.add(step, loss, loss_mix, loss_reg)
+            step += 1
+        records = [c if isinstance(c, Exception) else {"lr": lr, "steps": step, **c}
+                   for c, lr in zip(tracker.close_epoch(), lrs)]
+        for m, rec in enumerate(records):
+            if diagnose and not isinstance(rec, Exception):
+                rec.update(mask_summary(member_masks(pack, m)))
+        report_pack_epoch(histories, r + 1, on_epoch, pack, records)
+        if not any(tracker.alive()):
+            return tracker.failures()
+        if checkpoint is not None:
+            checkpoint.tick(r + 1, cfg0.rounds, snapshot)
+
+    final = [[m.mask.detach().view(k, -1)[i] for m in masks] for i in range(k)]
+    pack.net = fold_masks(pack.net)
+    for p in pack.parameters():
+        p.requires_grad_(True)
+    infos = [{"masked_layers": len(masks), "mask_bounds": bounds, "clean_per_class": n, "regulariser_weight": w,
+              "steps": step, "mask_min": [float(t.min()) for t in fm], "mask_mean": [float(t.mean()) for t in fm]}
+             for n, w, fm in zip(per_class, reg_weights, final)]
+    return member_results(pack, histories, tracker.failures(), infos)
+
+
+def _mask_distance(masks: list[Masked], k: int) -> torch.Tensor:
+    """sum |1 - m| per member (K,); off CUDA and for one member member by member, as one trial sums it."""
+    if masks[0].mask.is_cuda and k > 1:
+        return sum((1 - m.mask.view(k, -1)).abs().sum(1) for m in masks)
+    return torch.stack([(1 - torch.cat([m.mask.view(k, -1)[i] for m in masks])).abs().sum() for i in range(k)])
+
+
+class NFT(PackableDefense):
     name = "nft"
     Config = NFTConfig
     needs_clean_data = True
     resumable = True  # checkpoint after every round: masks, BN statistics, optimiser, step, RNG
-
-    def _purify(self, model: nn.Module, clean_subset: ImageSet | None, *, device: torch.device,
-                image_shape, augment: Augment | None, on_epoch: EpochCallback | None, seed: int) -> DefenseResult:
-        cfg: NFTConfig = self.config
-        assert clean_subset is not None
-        fmt = memory_format(device)
-        masks = attach_masks(model, cfg.mask_site, example=to_float(clean_subset.x[:2]).contiguous(memory_format=fmt))
-        bounds = cfg.mask_bounds(len(masks))
-        mask_params = {id(m.mask) for m in masks}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in mask_params)
-
-        n_classes = int(clean_subset.y.unique().numel())
-        per_class = len(clean_subset) / n_classes  # N_c
-        reg_weight = cfg.eta / per_class
-        aug = (augment if augment is not None else Augment()) if cfg.augment else None
-        gen = device_generator(device, seed)
-        # MixUp coefficients for every step, drawn up front: seeded, and no per-step host work
-        lams = torch.from_numpy(np.random.default_rng(seed).beta(cfg.mixup_alpha, cfg.mixup_alpha, cfg.steps))
-        lams = lams.float().to(device)
-        opt = torch.optim.SGD([m.mask for m in masks], lr=cfg.lr, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay)
-        tracker = LossTracker(self.name, ("total", "mix", "reg"), device)
-        per_round = [cfg.steps // cfg.rounds] * cfg.rounds
-        per_round[-1] += cfg.steps % cfg.rounds
-
-        history: list[dict] = []
-        step = first_round = 0
-        saved = self.checkpoint.load() if self.checkpoint is not None else None
-        if saved is not None:  # the masked model's state holds the masks and the BN running statistics
-            model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["optimizer"])
-            set_rng_state(saved["rng"], gen)
-            step, first_round, history = int(saved["step"]), int(saved["round"]), list(saved["history"])
-
-        def snapshot() -> dict:
-            return {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(gen),
-                    "step": step, "round": r + 1, "history": list(history)}
-
-        for r, n_steps in enumerate(per_round):
-            if r < first_round:
-                continue
-            lr = cfg.round_lr(r)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            model.train(cfg.bn_train_mode)
-            for x, y in sample_batches(clean_subset, cfg.batch_size, n_steps, generator=gen, augment=aug):
-                with autocast(device):
-                    if cfg.mixup:
-                        lam = lams[step]
-                        perm = torch.randperm(x.shape[0], device=device, generator=gen)
-                        xm = lam * x + (1 - lam) * x[perm]
-                        logits = model(xm.contiguous(memory_format=fmt)).float()
-                        loss_mix = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
-                    else:
-                        loss_mix = F.cross_entropy(model(x.contiguous(memory_format=fmt)).float(), y)
-                loss_reg = (1 - torch.cat([m.mask for m in masks])).abs().sum()
-                loss = loss_mix + reg_weight * loss_reg
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                clamp_masks(masks, bounds)
-                tracker.add(step, loss, loss_mix, loss_reg)
-                step += 1
-            record = {"lr": lr, "steps": step, **tracker.close_epoch()}
-            if self.diagnose:
-                record.update(mask_summary(masks_of(model)))
-            report_epoch(history, r + 1, model, on_epoch, record)
-            if self.checkpoint is not None:
-                self.checkpoint.tick(r + 1, cfg.rounds, snapshot)
-
-        purified = fold_masks(model)
-        for p in purified.parameters():
-            p.requires_grad_(True)
-        info = {"masked_layers": len(masks), "mask_bounds": bounds, "clean_per_class": per_class,
-                "regulariser_weight": reg_weight, "steps": step,
-                "mask_min": [float(m.mask.detach().min()) for m in masks],
-                "mask_mean": [float(m.mask.detach().mean()) for m in masks]}
-        return DefenseResult(purified, history, info)
+    members = staticmethod(nft_members)

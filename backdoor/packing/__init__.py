@@ -7,18 +7,21 @@ heads), so K small steps become one large one; every member keeps its own optimi
 schedule, clean subset, batches and divergence watch, and its result equals its unpacked
 trial's within float tolerance (`tests/test_packing.py` says which).
 
+The training loops are not written here: each packable defence's loop is written once over
+the members dimension in its own module (`backdoor.defenses.members`), and an unpacked trial
+is a pack of one (`Solo`); packing gives the same loop a `PackedNet`.
+
 - `net`: `PackedNet`, `PackedLinear`, `PackedConv2d`.
-- `train`: `PackedSGD`, `PackedLossTracker`, `packed_fine_tune` (the FT schedule for K members).
 - `defenses`: the packed FT, FP, NAD and NFT (`PACKED`), and which config fields members may
   differ in (`PER_MEMBER`); `pack_refusal` says why another defence runs unpacked.
 - `run`: `run_pack`, the packed `run_defense` (per-member results, one evaluation pass per pack).
 """
 from __future__ import annotations
 
+from ..defenses.members import PackedLossTracker, PackedSGD, members_of
 from .defenses import PACKED, PER_MEMBER, member_key, pack_refusal
-from .net import PackedConv2d, PackedLinear, PackedNet, members_of
+from .net import PackedConv2d, PackedLinear, PackedNet
 from .run import Member, evaluate_pack, run_pack
-from .train import PackedLossTracker, PackedSGD, packed_fine_tune
 
 __all__ = ["Member", "PACKED", "PER_MEMBER", "PackedConv2d", "PackedLinear", "PackedLossTracker", "PackedNet",
-           "PackedSGD", "evaluate_pack", "member_key", "members_of", "pack_refusal", "packed_fine_tune", "run_pack"]
+           "PackedSGD", "evaluate_pack", "member_key", "members_of", "pack_refusal", "run_pack"]

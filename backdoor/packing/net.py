@@ -184,14 +184,3 @@ class PackedNet(nn.Module):
         model.load_state_dict(self.member_state(k))
         return model.eval()
 
-
-def members_of(t: torch.Tensor, k: int) -> torch.Tensor:
-    """Split a packed activation (B, K * C, ...) into (K, B, C, ...)."""
-    return t.reshape(t.shape[0], k, t.shape[1] // k, *t.shape[2:]).transpose(0, 1)
-
-
-def member_vector(values: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """Per-member values (K,) spread over a packed parameter whose dim 0 is K blocks, shaped to
-    broadcast against it."""
-    k = values.shape[0]
-    return values.repeat_interleave(param.shape[0] // k).view(-1, *([1] * (param.dim() - 1)))

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..data import ImageSet, clean_subset, to_float
 from ..defenses import build_defense
+from ..defenses.members import member_masks
 from ..diagnostics import is_diagnostic, weight_drift
 from ..metrics import Tally, amplified_copies, evaluate, views_of
 from ..purify import EvaluationDiagnostics, victim_before
@@ -101,8 +102,9 @@ def run_pack(victim: Victim, defense: str, members: Sequence[Member], *, log=pri
         for m, metrics in zip(alive, evaluated):
             record = records[m]
             if probe is not None:
-                if "masks" in record:
-                    metrics["mask_trigger_corr"] = probe.mask_correlation(record["masks"])
+                masks = member_masks(pack, m)
+                if masks:
+                    metrics["mask_trigger_corr"] = probe.mask_correlation(masks)
                 else:
                     metrics.update(weight_drift(models.get(m) or pack.member(m), victim.model))
             out[m] = metrics
@@ -123,7 +125,7 @@ def run_pack(victim: Victim, defense: str, members: Sequence[Member], *, log=pri
         last = res.history[-1] if res.history else {}
         after = last if "acc" in last else evaluate(res.model, victim.splits.test, victim.attack,
                                                     reference_correct=reference)
-        res.info.update(defense=defense, seconds=seconds, config=dataclasses.asdict(built[m].config))
+        res.info.update(pack_size=k, defense=defense, seconds=seconds, config=dataclasses.asdict(built[m].config))
         outs.append({"defense": defense, "victim_id": victim.victim_id, "clean_images": len(subsets[m]),
                      "before": before, "after": {key: after[key] for key in before},
                      "diagnostics": {key: v for key, v in last.items() if is_diagnostic(key)},
