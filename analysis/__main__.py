@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from backdoor.cli_args import refuse_renamed   # torch-free: the renamed-flag table all commands share
+
 from .analyze import analyze
 from .failures import CollapseRule
 from .logistic import MIN_POINTS
@@ -52,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits per curve (0: no bands) (200)")
     p.add_argument("--bootstrap-seed", type=int, default=0, metavar="N", help="seed of the bootstrap refits (0)")
     p.add_argument("--no-plots", action="store_true", help="fits and report only")
-    if any(arg.split("=", 1)[0] == "--seed" for arg in (sys.argv[1:] if argv is None else argv)):
-        p.error("--seed was renamed --bootstrap-seed")   # (backdoor.cli_args.RENAMED; analysis stays torch-free)
+    refuse_renamed(p, argv, "analysis")
     a = p.parse_args(argv)
     if (a.mlflow_uri is None) == (a.directory is None):
         p.error("give a study directory, or --mlflow-uri with --experiment and --out (not both)")

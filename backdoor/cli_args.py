@@ -2,20 +2,20 @@
 old flag spellings refused by name with the new one.
 
     p = argparse.ArgumentParser(parents=[device_args()])
-    refuse_renamed(p, argv, RENAMED)
+    refuse_renamed(p, argv, "backdoor.victims")     # the command's entry in RENAMED_FLAGS
+
+Torch-free (device arguments only read `.type`), so the torch-free `analysis` CLI shares it.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-import torch
-
 COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune")
 DEVICE_HELP = "where to compute: auto (CUDA when there is one, else the CPU), cpu, cuda or cuda:N (default auto)"
 
 # every flag a command has renamed -> its new spelling (one meaning per flag name)
-RENAMED = {
+RENAMED_FLAGS = {
     "study.sensitivity": {"--preset": "--study-preset"},
     "study.regression": {"--preset": "--study-preset"},
     "study.fidelity": {"--preset": "--table"},
@@ -38,7 +38,7 @@ def device_args(*, compile_what: str | None = "victim training", compile_default
     return p
 
 
-def compile_mode(mode: str | None, device: torch.device) -> str | None:
+def compile_mode(mode: str | None, device) -> str | None:
     """A `--compile` value as the torch.compile mode to use on `device` (None: eager)."""
     if mode in (None, "none") or device.type != "cuda":
         return None
@@ -50,8 +50,8 @@ def refuse_renamed(parser: argparse.ArgumentParser, argv: list[str] | None, comm
     as `--old=VALUE`), before argparse would call it unknown or take it as a prefix."""
     for arg in sys.argv[1:] if argv is None else argv:
         old = arg.split("=", 1)[0]
-        if old in RENAMED.get(command, {}):
-            parser.error(f"{old} was renamed {RENAMED[command][old]}")
+        if old in RENAMED_FLAGS.get(command, {}):
+            parser.error(f"{old} was renamed {RENAMED_FLAGS[command][old]}")
 
 
-__all__ = ["COMPILE_MODES", "DEVICE_HELP", "RENAMED", "compile_mode", "device_args", "refuse_renamed"]
+__all__ = ["COMPILE_MODES", "DEVICE_HELP", "RENAMED_FLAGS", "compile_mode", "device_args", "refuse_renamed"]

@@ -14,7 +14,7 @@ CLP has none), `lam` its regulariser weight (NFT eta, DHBE lam, NAD beta scale, 
 initial cost), `threshold` a mask-pruning threshold (RNP, ANP), `margin` CLP's u, `radius` a
 norm-ball radius (FT-SAM rho, I-BAU's perturbation bound), `generator_size` DHBE's
 trigger-generator size. `lam` for a defence whose knob is not a weight is refused with the
-axis to use (`RENAMED`). Any other axis name must be a config field of the defence (`u`,
+axis to use (`RENAMED_AXES`). Any other axis name must be a config field of the defence (`u`,
 `rho`, ... by name). `clean_fraction`, `shots` and `subset_seed` are the study's own axes (the
 clean budget), not defence fields.
 """
@@ -35,7 +35,7 @@ GENERIC_AXES: dict[str, dict[str, str]] = {
 }
 BUDGET_AXES = ("clean_fraction", "shots", "subset_seed")
 # (axis, defence) -> (the axis to use, what the knob is): spellings refused with a hint
-RENAMED: dict[tuple[str, str], tuple[str, str]] = {
+RENAMED_AXES: dict[tuple[str, str], tuple[str, str]] = {
     ("lam", "clp"): ("margin", "CLP's u is a margin"),
     ("lam", "rnp"): ("threshold", "RNP's threshold is a pruning threshold"),
     ("lam", "ftsam"): ("radius", "FT-SAM's rho is the SAM neighbourhood radius"),
@@ -128,8 +128,8 @@ def parse_axis(name: str, raw: Any, where: str) -> Axis:
 
 def config_field(defense: str, axis: str, fields: set[str], where: str) -> str:
     """The config field a swept axis sets for `defense` (generic names mapped; others must be fields)."""
-    if (axis, defense) in RENAMED:
-        new, what = RENAMED[axis, defense]
+    if (axis, defense) in RENAMED_AXES:
+        new, what = RENAMED_AXES[axis, defense]
         raise ValueError(f"{where}: {what}, not a regulariser weight: sweep it as {new!r}")
     if axis in GENERIC_AXES:
         field = GENERIC_AXES[axis].get(defense)

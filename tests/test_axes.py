@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from search_spaces import GENERIC_AXES, RENAMED
+from search_spaces import GENERIC_AXES, RENAMED_AXES
 from study.mlflow_data import run_row
 from study.spec import PRESETS, SpecError, expand_trials, load_spec, parse_spec, read_yaml
 from study.tracking import BASE_COLUMNS, StudyRecorder, result_columns
@@ -60,7 +60,7 @@ def test_clp_hint_reads_as_documented():
 
 
 def test_every_refused_spelling_points_at_an_axis_the_defence_has():
-    for (old, defense), (new, _) in RENAMED.items():
+    for (old, defense), (new, _) in RENAMED_AXES.items():
         assert defense not in GENERIC_AXES[old] and defense in GENERIC_AXES[new]
 
 

@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-from backdoor.cli_args import COMPILE_MODES, RENAMED, compile_mode
+from backdoor.cli_args import COMPILE_MODES, RENAMED_FLAGS, compile_mode
 
 COMMANDS = ["study.sensitivity", "study.regression", "study.fidelity", "backdoor.victims", "backdoor.purify",
             "analysis"]
@@ -52,11 +52,11 @@ def test_device_and_compile_mean_the_same_in_every_command(command, monkeypatch)
         assert actions["--device"].default == "auto" and "cuda:N" in actions["--device"].help
     if "--compile" in actions:
         assert tuple(actions["--compile"].choices) == COMPILE_MODES and actions["--compile"].default == "auto"
-    for old, new in RENAMED.get(command, {}).items():
+    for old, new in RENAMED_FLAGS.get(command, {}).items():
         assert old not in actions and new in actions
 
 
-@pytest.mark.parametrize("command,old,new", [(c, o, n) for c, m in RENAMED.items() for o, n in m.items()])
+@pytest.mark.parametrize("command,old,new", [(c, o, n) for c, m in RENAMED_FLAGS.items() for o, n in m.items()])
 def test_renamed_flags_are_refused_with_the_new_name(command, old, new, capsys):
     with pytest.raises(SystemExit) as exit_:
         _entry(command)([old, "1"])
@@ -71,3 +71,11 @@ def test_compile_auto_is_eager_off_cuda():
     assert compile_mode("auto", cpu) is None and compile_mode("max-autotune", cpu) is None
     assert compile_mode("auto", cuda) == "reduce-overhead" and compile_mode("none", cuda) is None
     assert compile_mode("default", cuda) == "default"
+
+
+def test_the_shared_flag_module_keeps_the_analysis_cli_torch_free():
+    import subprocess
+    import sys
+
+    code = "import sys, analysis.__main__; print([m for m in ('torch', 'ray', 'mlflow', 'optuna') if m in sys.modules])"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
