@@ -39,7 +39,7 @@ def _python(code: str, *args, env: dict | None = None, lines: int = 1) -> str | 
 
 
 @pytest.mark.slow
-def test_a_trial_in_session_equals_the_same_trial_on_the_cached_victim_in_a_fresh_process(tmp_path):
+def test_a_trial_in_the_training_process_equals_the_same_trial_on_the_cached_victim_in_a_fresh_process(tmp_path):
     # at once: a driver-like process (2 threads) trains the victim and runs the trial at once
     fresh = json.loads(_python(RUN, 2, tmp_path / "cache"))
     # later: a Ray-trial-like process (1 thread) loads that victim from the cache and runs the same trial;
