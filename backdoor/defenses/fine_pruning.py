@@ -21,7 +21,7 @@ from torch import nn
 from ..data import Augment, ImageSet, to_float
 from ..runtime import autocast, memory_format
 from .base import DefenseResult, check
-from .finetune import FTSchedule, fine_tune_members
+from .finetune import FT_PER_MEMBER, FTSchedule, fine_tune_members
 from .members import PackableDefense, PackedEpochCallback, PackFactory, member_results
 
 
@@ -131,3 +131,4 @@ class FP(PackableDefense):
     Config = FPConfig
     needs_clean_data = True
     members = staticmethod(fp_members)
+    per_member = (*FT_PER_MEMBER, "max_acc_drop", "prune_ratio")

@@ -160,6 +160,10 @@ def ft_members(make_pack: PackFactory, model: nn.Module, configs: Sequence[FTSch
     return member_results(pack, histories, failures, [{"steps": h[-1]["steps"] if h else 0} for h in histories])
 
 
+# the config fields members of one pack may differ in (the rest must be equal: backdoor.packing)
+FT_PER_MEMBER = ("lr", "momentum", "weight_decay")
+
+
 @dataclass
 class FTConfig(FTSchedule):
     """Plain fine-tuning: the FT schedule on all weights with cross-entropy."""
@@ -172,3 +176,4 @@ class FT(PackableDefense):
     Config = FTConfig
     needs_clean_data = True
     members = staticmethod(ft_members)
+    per_member = FT_PER_MEMBER

@@ -260,6 +260,7 @@ class PackableDefense(Defense):
     a pack of one (`Solo`), and `backdoor.packing` runs it for K trials at once."""
 
     members: ClassVar[MembersFn]
+    per_member: ClassVar[tuple[str, ...]]    # config fields the members of one pack may differ in
 
     def _purify(self, model: nn.Module, clean_subset: ImageSet | None, *, device: torch.device, image_shape,
                 augment: Augment | None, on_epoch: EpochCallback | None, seed: int) -> DefenseResult:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..data import Augment, ImageSet
 from .base import DefenseResult, check, check_finite_positive
-from .finetune import FTSchedule, fine_tune_members
+from .finetune import FT_PER_MEMBER, FTSchedule, fine_tune_members
 from .members import PackableDefense, PackedEpochCallback, PackFactory, member_results, members_of, packed_cross_entropy
 
 
@@ -137,3 +137,4 @@ class NAD(PackableDefense):
     Config = NADConfig
     needs_clean_data = True
     members = staticmethod(nad_members)
+    per_member = (*FT_PER_MEMBER, "teacher_lr", "betas", "beta_scale")

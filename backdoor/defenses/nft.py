@@ -181,3 +181,4 @@ class NFT(PackableDefense):
     needs_clean_data = True
     resumable = True  # checkpoint after every round: masks, BN statistics, optimiser, step, RNG
     members = staticmethod(nft_members)
+    per_member = ("lr", "momentum", "weight_decay", "eta", "lr_min")

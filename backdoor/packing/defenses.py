@@ -16,22 +16,15 @@ import torch
 from torch import nn
 
 from ..data import Augment, ImageSet
+from ..defenses import DEFENSES
 from ..defenses.base import DefenseResult
-from ..defenses.fine_pruning import fp_members
-from ..defenses.finetune import ft_members
-from ..defenses.members import MembersFn, PackedEpochCallback, check_shared
-from ..defenses.nad import nad_members
-from ..defenses.nft import nft_members
+from ..defenses.members import MembersFn, PackableDefense, PackedEpochCallback, check_shared
 from ..runtime import prepare_model
 from .net import PackedNet
 
-FT_MEMBER = ("lr", "momentum", "weight_decay")
-PER_MEMBER: dict[str, tuple[str, ...]] = {
-    "ft": FT_MEMBER,
-    "fp": (*FT_MEMBER, "max_acc_drop", "prune_ratio"),
-    "nad": (*FT_MEMBER, "teacher_lr", "betas", "beta_scale"),
-    "nft": ("lr", "momentum", "weight_decay", "eta", "lr_min"),
-}
+# every `PackableDefense` packs, with the loop and per-member fields its class declares
+PACKABLE = {name: cls for name, cls in DEFENSES.items() if issubclass(cls, PackableDefense)}
+PER_MEMBER: dict[str, tuple[str, ...]] = {name: cls.per_member for name, cls in PACKABLE.items()}
 # pack(model, configs, subsets, seeds, *, device, augment, on_epoch, diagnose) -> per member result or exception
 PackFn = Callable[..., "list[DefenseResult | Exception]"]
 
@@ -64,10 +57,8 @@ def _packed(defense: str, members: MembersFn) -> PackFn:
     return pack
 
 
-pack_ft, pack_fp, pack_nad, pack_nft = (_packed(name, fn) for name, fn in
-                                        (("ft", ft_members), ("fp", fp_members), ("nad", nad_members),
-                                         ("nft", nft_members)))
-PACKED: dict[str, PackFn] = {"ft": pack_ft, "fp": pack_fp, "nad": pack_nad, "nft": pack_nft}
+PACKED: dict[str, PackFn] = {name: _packed(name, cls.members) for name, cls in PACKABLE.items()}
+pack_ft, pack_fp, pack_nad, pack_nft = (PACKED[n] for n in ("ft", "fp", "nad", "nft"))
 
 
 def pack_refusal(defense: str, config=None) -> str | None:
